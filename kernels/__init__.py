@@ -1,0 +1,15 @@
+"""Framework-free Triton kernels for training InternLM2-style models.
+
+This package imports only ``torch`` and ``triton``.  Each kernel family lives in
+its own module (Triton kernels, launcher, ``torch.autograd.Function`` and the
+public function); the pure-PyTorch references they are tested against, and that
+fallback paths run, live in :mod:`kernels.reference`.
+
+The package is installed by the ``xtuner-patch`` distribution.  Hugging Face's
+``kernels`` distribution also installs a top-level ``kernels`` package;
+``IS_XTUNER_PATCH_KERNELS`` lets :mod:`xtuner_patch` tell the two apart.
+"""
+
+IS_XTUNER_PATCH_KERNELS = True
+
+__version__ = "0.1.0.dev0"

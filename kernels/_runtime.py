@@ -1,0 +1,92 @@
+"""Shared launcher utilities: interpreter detection, autotune configs, input checks.
+
+Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before the kernel modules are imported), which is how
+the test-suite runs on machines without a GPU.
+"""
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+import triton
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotune_configs(gpu_configs: Sequence[triton.Config],
+                     interpreter_config: triton.Config) -> list:
+    """Configs for ``@triton.autotune``: the full list on a GPU, one under the interpreter.
+
+    The interpreter runs every program serially on the CPU, so tuning there costs
+    minutes and measures nothing; with several configs it also needs a GPU timer.
+    """
+    return [interpreter_config] if INTERPRETER else list(gpu_configs)
+
+
+def check_device(name: str, tensor: torch.Tensor) -> None:
+    """Kernels need CUDA tensors, or CPU tensors when the Triton interpreter is on."""
+    if tensor.is_cuda:
+        return
+    if tensor.device.type == "cpu" and INTERPRETER:
+        return
+    raise ValueError(
+        f"{name} is on {tensor.device}; Triton kernels need a CUDA tensor "
+        "(or CPU tensors with TRITON_INTERPRET=1 set before `kernels` is imported)")
+
+
+def check_tensor(name: str, tensor, *, ndim: Optional[int] = None,
+                 dtypes: Optional[Iterable[torch.dtype]] = None,
+                 last_dim_contiguous: bool = False) -> None:
+    """Raise a clear error naming ``name`` when ``tensor`` is not what a kernel expects."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(
+            f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if tensor.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise TypeError(f"{name} must have dtype in ({names}), got {tensor.dtype}")
+    if last_dim_contiguous and tensor.dim() > 0 and tensor.stride(-1) != 1 and tensor.shape[-1] > 1:
+        raise ValueError(
+            f"{name} must be contiguous in its last dimension (stride 1), "
+            f"got strides {tuple(tensor.stride())}")
+    check_device(name, tensor)
+
+
+def check_cu_seqlens(name: str, cu_seqlens, total_tokens: int,
+                     max_seqlen: Optional[int] = None,
+                     max_seqlen_name: str = "max_seqlen") -> torch.Tensor:
+    """Validate a flash-attn style cumulative sequence-length vector.
+
+    ``cu_seqlens`` must be an int32 tensor ``[batch + 1]`` that starts at 0, never
+    decreases and ends at ``total_tokens``.  When ``max_seqlen`` is given it must be
+    at least the longest sequence.  Returns the per-sequence lengths (int64, on the
+    host) so launchers can size their grids without a second device sync.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{name} must be 1-D with batch + 1 >= 1 entries, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    host = cu_seqlens.detach().to("cpu", torch.int64)
+    if int(host[0]) != 0:
+        raise ValueError(f"{name} must start at 0, got {int(host[0])}")
+    lengths = host[1:] - host[:-1]
+    if lengths.numel() and int(lengths.min()) < 0:
+        bad = int(torch.nonzero(lengths < 0)[0, 0])
+        raise ValueError(f"{name} must be non-decreasing, but {name}[{bad + 1}]="
+                         f"{int(host[bad + 1])} < {name}[{bad}]={int(host[bad])}")
+    if int(host[-1]) != total_tokens:
+        raise ValueError(f"{name} must end at the token count {total_tokens}, "
+                         f"got {int(host[-1])}")
+    if max_seqlen is not None:
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if max_seqlen < longest:
+            raise ValueError(f"{max_seqlen_name}={max_seqlen} is smaller than the longest "
+                             f"sequence in {name} ({longest})")
+    return lengths

@@ -1,0 +1,37 @@
+"""Test-suite set-up: Triton interpreter on CPU-only hosts, the ``gpu`` marker, fixtures.
+
+``TRITON_INTERPRET`` must be set before any module defining ``@triton.jit`` kernels
+is imported, so it is set here, at conftest import time, before test modules load.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.helpers import HAS_CUDA, make_generator, seed_for  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run `make gpu-check` on the GPU host)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A seed that differs per test (and per parametrisation) but is reproducible."""
+    return seed_for(request.node.nodeid)
+
+
+@pytest.fixture
+def gen(seed) -> torch.Generator:
+    """A fresh seeded generator on the test device."""
+    return make_generator(seed)
