@@ -35,3 +35,21 @@ def seed(request) -> int:
 def gen(seed) -> torch.Generator:
     """A fresh seeded generator on the test device."""
     return make_generator(seed)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A tiny InternLM2 checkpoint directory (HF layout, modeling code from xtuner)."""
+    pytest.importorskip("xtuner._lite.modelings.internlm2", reason="needs xtuner's InternLM2 code")
+    from xtuner_patch.fixtures import build_internlm2_checkpoint
+
+    return build_internlm2_checkpoint(str(tmp_path_factory.mktemp("tiny-internlm2")), "tiny")
+
+
+@pytest.fixture(scope="session")
+def sample_ftdp(tmp_path_factory) -> dict:
+    """A sample ftdp dataset folder: ``{"root": path, **summary}``."""
+    from xtuner_patch.fixtures import write_sample_ftdp_dataset
+
+    root = str(tmp_path_factory.mktemp("ftdp"))
+    return {"root": root, **write_sample_ftdp_dataset(root)}

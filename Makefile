@@ -1,0 +1,53 @@
+# README's two commands: `make demo` (train the tiny InternLM2 on sample ftdp data)
+# and `make test` (the whole CPU test-suite).  Both bootstrap .venv on their own.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The stamp changes with the pins, so editing them re-runs the install.
+STAMP := $(VENV)/.installed-$(shell cat requirements/ci.txt requirements/ci-lock.txt pyproject.toml | sha1sum | cut -c1-12)
+DEMO := .cache/demo
+
+.PHONY: venv demo test bench gpu-check gpu-wheels clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements/ci.txt requirements/ci-lock.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements/ci.txt -c requirements/ci-lock.txt
+	# deepspeed builds from source; with no ops compiled it needs only torch, installed above.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q "deepspeed==0.19.6" -c requirements/ci-lock.txt
+	$(PY) -m pip install -q --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+$(DEMO)/tiny-internlm2/config.json: $(STAMP) xtuner_patch/fixtures/model.py
+	$(PY) -m xtuner_patch.cli make-tiny-model $(DEMO)/tiny-internlm2 --overwrite
+
+$(DEMO)/ftdp/.complete: $(STAMP) xtuner_patch/fixtures/ftdp.py
+	rm -rf $(DEMO)/ftdp
+	$(PY) -m xtuner_patch.cli make-sample-data $(DEMO)/ftdp
+	touch $@
+
+demo: $(DEMO)/tiny-internlm2/config.json $(DEMO)/ftdp/.complete
+	$(VENV)/bin/xtuner-patch train configs/internlm2_tiny_ftdp_cpu.py --work-dir $(DEMO)/work
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks/ --benchmark-only
+
+# On the GPU host (system python3 with torch + triton; no venv, no network).
+gpu-check:
+	bash scripts/gpu_check.sh
+
+# Here, before a GPU run: the pure-Python packages the GPU host lacks, as cp312 wheels.
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl -r requirements/gpu-wheels.txt
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .benchmarks

@@ -1,0 +1,41 @@
+"""Run ``xtuner-patch train`` (XTuner's own train tool) in a subprocess and read its log."""
+
+import os
+import re
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(REPO, "configs", "internlm2_tiny_ftdp_cpu.py")
+_ITER_LINE = re.compile(r"Iter\(train\) \[\s*(\d+)/\s*\d+\].*")
+_METRIC = re.compile(r"(\w+): (-?[0-9.]+(?:e[-+]?\d+)?|nan|inf)")
+
+
+def train(work_dir: str, checkpoint: str, data_folder: str, *, config: str = TINY_CONFIG,
+          max_iters: int = 6, extra_options: Optional[List[str]] = None,
+          extra_args: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None,
+          timeout: int = 900) -> subprocess.CompletedProcess:
+    """Train the tiny config on ``data_folder`` from ``checkpoint`` for ``max_iters`` steps."""
+    options = [f"model.llm.pretrained_model_name_or_path={checkpoint}",
+               f"train_dataloader.dataset.dataset_cfg.folder={data_folder}",
+               f"train_cfg.max_iters={max_iters}",
+               f"default_hooks.checkpoint.interval={max_iters}"] + list(extra_options or [])
+    cmd = [sys.executable, "-m", "xtuner_patch.cli", "train", config, "--work-dir", work_dir,
+           *(extra_args or []), "--cfg-options", *options]
+    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, cwd=work_dir, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+    return proc
+
+
+def iteration_metrics(log_text: str) -> List[Dict[str, float]]:
+    """One dict per logged training iteration: ``{"iter": n, "loss": ..., ...}``."""
+    rows = []
+    for match in _ITER_LINE.finditer(log_text):
+        row = {"iter": int(match.group(1))}
+        row.update({k: float(v) for k, v in _METRIC.findall(match.group(0))})
+        rows.append(row)
+    return rows

@@ -1,0 +1,69 @@
+"""The ``xtuner-patch`` command line."""
+
+import argparse
+import json
+import sys
+
+
+def _make_tiny_model(args) -> int:
+    from .fixtures import build_internlm2_checkpoint
+
+    overrides = {}
+    if args.layers is not None:
+        overrides["num_hidden_layers"] = args.layers
+    path = build_internlm2_checkpoint(args.path, args.preset, seed=args.seed,
+                                      dtype=args.dtype, overwrite=args.overwrite, **overrides)
+    print(path)
+    return 0
+
+
+def _make_sample_data(args) -> int:
+    from .fixtures import SampleDataSpec, write_sample_ftdp_dataset
+
+    spec = SampleDataSpec(seed=args.seed, vocab_size=args.vocab_size,
+                          long_sample_length=args.long_sample_length)
+    summary = write_sample_ftdp_dataset(args.path, spec)
+    print(json.dumps({k: v for k, v in summary.items() if k != "files"}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xtuner-patch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train", add_help=False,
+        help="run `xtuner train` (same arguments; NPROC_PER_NODE / --launcher slurm as XTuner)")
+    train.add_argument("xtuner_args", nargs=argparse.REMAINDER)
+
+    model = sub.add_parser("make-tiny-model", help="write an InternLM2 checkpoint directory")
+    model.add_argument("path")
+    model.add_argument("--preset", default="tiny", help="tiny, 1_8b or 7b")
+    model.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
+    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    model.add_argument("--overwrite", action="store_true")
+
+    data = sub.add_parser("make-sample-data", help="write a sample ftdp dataset (cn/ and en/)")
+    data.add_argument("path")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--vocab-size", type=int, default=2048)
+    data.add_argument("--long-sample-length", type=int, default=3000,
+                      help="length of the samples meant to exceed a pack")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        # Everything after `train` belongs to XTuner's parser, --help included.
+        from .launch import launch
+
+        return launch(argv[1:])
+    args = build_parser().parse_args(argv)
+    handlers = {"make-tiny-model": _make_tiny_model, "make-sample-data": _make_sample_data}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

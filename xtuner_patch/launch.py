@@ -1,0 +1,64 @@
+"""``xtuner-patch train``: run XTuner's own ``tools/train.py`` on every rank, prepared.
+
+XTuner's ``xtuner train`` re-launches ``tools/train.py`` in new processes (``python``
+or ``torchrun``), so anything done in the launching process is lost.  This launcher
+mirrors that logic (``NPROC_PER_NODE``/``NNODES``/``NODE_RANK``/``ADDR``/``PORT``,
+``--launcher slurm``) but starts :func:`rank_main` in every rank, which prepares the
+process and then runs XTuner's unmodified ``main()``.  Unlike ``xtuner train`` it
+returns the training's exit status.
+"""
+
+import os
+import random
+import subprocess
+import sys
+from typing import List, Optional
+
+
+def prepare_process() -> None:
+    """Everything a training rank needs before XTuner builds anything."""
+    from . import cpu_compat
+
+    cpu_compat.apply()
+
+
+def rank_main(argv: Optional[List[str]] = None) -> None:
+    """Entry of one training rank: prepare, then run XTuner's ``tools/train.py`` main."""
+    argv = sys.argv[1:] if argv is None else argv
+    prepare_process()
+    from xtuner.tools import train as xtuner_train
+
+    sys.argv = [xtuner_train.__file__] + list(argv)
+    xtuner_train.main()
+
+
+def _uses_slurm(args: List[str]) -> bool:
+    for i, arg in enumerate(args):
+        if arg == "--launcher":
+            return i + 1 < len(args) and args[i + 1] == "slurm"
+        if arg == "--launcher=slurm":
+            return True
+    return False
+
+
+def launch(args: List[str]) -> int:
+    """Start training with XTuner's process layout; returns the exit status."""
+    nnodes = int(os.environ.get("NNODES", 1))
+    nproc_per_node = int(os.environ.get("NPROC_PER_NODE", 1))
+    if _uses_slurm(args) or (nnodes == 1 and nproc_per_node == 1):
+        # One process per task (srun starts the tasks) or a plain single process.
+        rank_main(args)
+        return 0
+    port = os.environ.get("PORT") or str(random.randint(20000, 29999))
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           f"--nnodes={nnodes}",
+           f"--node_rank={os.environ.get('NODE_RANK', 0)}",
+           f"--nproc_per_node={nproc_per_node}",
+           f"--master_addr={os.environ.get('ADDR', '127.0.0.1')}",
+           f"--master_port={port}",
+           "-m", "xtuner_patch.launch", *args, "--launcher", "pytorch"]
+    return subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+    rank_main()
