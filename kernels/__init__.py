@@ -13,3 +13,6 @@ The package is installed by the ``xtuner-patch`` distribution.  Hugging Face's
 IS_XTUNER_PATCH_KERNELS = True
 
 __version__ = "0.1.0.dev0"
+
+from kernels.rms_norm import rms_norm  # noqa: E402,F401
+from kernels.rotary import apply_rotary, rotary_inv_freq, split_qkv_rotary  # noqa: E402,F401

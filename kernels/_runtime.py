@@ -5,6 +5,7 @@ Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter
 the test-suite runs on machines without a GPU.
 """
 
+import functools
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -20,8 +21,14 @@ def autotune_configs(gpu_configs: Sequence[triton.Config],
 
     The interpreter runs every program serially on the CPU, so tuning there costs
     minutes and measures nothing; with several configs it also needs a GPU timer.
+    ``XTUNER_PATCH_AUTOTUNE=0`` (read at import) keeps only the first GPU config, so
+    that broad GPU test runs compile each kernel once per shape instead of per config.
     """
-    return [interpreter_config] if INTERPRETER else list(gpu_configs)
+    if INTERPRETER:
+        return [interpreter_config]
+    if os.environ.get("XTUNER_PATCH_AUTOTUNE", "1") == "0":
+        return list(gpu_configs[:1])
+    return list(gpu_configs)
 
 
 def check_device(name: str, tensor: torch.Tensor) -> None:
@@ -56,13 +63,15 @@ def check_tensor(name: str, tensor, *, ndim: Optional[int] = None,
     check_device(name, tensor)
 
 
-def check_cu_seqlens(name: str, cu_seqlens, total_tokens: int,
+def check_cu_seqlens(name: str, cu_seqlens, total_tokens: Optional[int],
                      max_seqlen: Optional[int] = None,
                      max_seqlen_name: str = "max_seqlen") -> torch.Tensor:
     """Validate a flash-attn style cumulative sequence-length vector.
 
     ``cu_seqlens`` must be an int32 tensor ``[batch + 1]`` that starts at 0, never
-    decreases and ends at ``total_tokens``.  When ``max_seqlen`` is given it must be
+    decreases and ends at ``total_tokens`` (any end when it is None, e.g. when the
+    tensor describes a whole packing of which the caller holds a shard).  When
+    ``max_seqlen`` is given it must be
     at least the longest sequence.  Returns the per-sequence lengths (int64, on the
     host) so launchers can size their grids without a second device sync.
     """
@@ -81,7 +90,7 @@ def check_cu_seqlens(name: str, cu_seqlens, total_tokens: int,
         bad = int(torch.nonzero(lengths < 0)[0, 0])
         raise ValueError(f"{name} must be non-decreasing, but {name}[{bad + 1}]="
                          f"{int(host[bad + 1])} < {name}[{bad}]={int(host[bad])}")
-    if int(host[-1]) != total_tokens:
+    if total_tokens is not None and int(host[-1]) != total_tokens:
         raise ValueError(f"{name} must end at the token count {total_tokens}, "
                          f"got {int(host[-1])}")
     if max_seqlen is not None:
@@ -90,3 +99,22 @@ def check_cu_seqlens(name: str, cu_seqlens, total_tokens: int,
             raise ValueError(f"{max_seqlen_name}={max_seqlen} is smaller than the longest "
                              f"sequence in {name} ({longest})")
     return lengths
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 4 under the interpreter.
+
+    Persistent-style launchers size their grids with it.  The interpreter runs
+    programs one after another, so a few programs still exercise the multi-program
+    code paths without making CPU tests slow.
+    """
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_multiprocessor_count(index)
+    return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_multiprocessor_count(index: int) -> int:
+    # Cached: launchers call this on every backward pass.
+    return torch.cuda.get_device_properties(index).multi_processor_count

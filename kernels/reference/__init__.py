@@ -1,0 +1,2 @@
+from kernels.reference.norm import rms_norm_reference  # noqa: F401
+from kernels.reference.rotary import rotary_reference, split_qkv_rotary_reference  # noqa: F401
