@@ -16,3 +16,4 @@ __version__ = "0.1.0.dev0"
 
 from kernels.rms_norm import rms_norm  # noqa: E402,F401
 from kernels.rotary import apply_rotary, rotary_inv_freq, split_qkv_rotary  # noqa: E402,F401
+from kernels.varlen_attention import attn_func, varlen_attn_func  # noqa: E402,F401

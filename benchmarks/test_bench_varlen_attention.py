@@ -1,0 +1,152 @@
+"""Packed causal GQA attention: ours vs FA2, XTuner's repeat-K/V path and dense SDPA.
+
+Shapes: InternLM2-7B (32 q / 8 kv heads) and 1.8B (16 / 8), head_dim 128, bf16, one
+packed row of 8k, 32k or 128k tokens split by one of three length mixes: equal 1k
+samples, a log-normal mix of SFT lengths (fixed seed), one sample filling the row.
+Passes: forward, backward (the forward runs untimed in ``setup``) and both.
+
+FLOPs are the causal work of the problem: per sample of length L, ``L (L + 1) / 2``
+query-key pairs, two matrix products of ``2 * d`` FLOPs per pair and query head in the
+forward pass; the backward pass counts 2.5 times that (five products instead of two).
+
+The 128k rows run only forward+backward, with 3 rounds; the dense SDPA loop only the
+8k rows (one Python-level call per sample; at 32k+ it is slower by so much that it
+only costs benchmark time).
+"""
+
+import math
+
+import pytest
+import torch
+
+from benchmarks.conftest import OURS, measure, requires_cuda, skip_missing
+from tests.baselines import (fa2_name, fa2_unavailable_reason, fa2_varlen, sdpa_dense_loop,
+                             xtuner_varlen)
+
+MODELS = {"internlm2-7b": (32, 8), "internlm2-1.8b": (16, 8)}
+HEAD_DIM = 128
+ROWS = (8192, 32768, 131072)
+MIXES = ("equal-1k", "sft-lognormal", "one-sample")
+PASSES = ("fwd", "bwd", "fwd_bwd")
+FA2 = "fa2"
+XTUNER = "xtuner-repeat-kv-fa2"
+SDPA = "sdpa-dense-loop"
+IMPLS = (OURS, FA2, XTUNER, SDPA)
+BWD_FLOP_RATIO = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
+
+
+def _lengths(mix: str, tokens: int) -> list:
+    if mix == "equal-1k":
+        return [1024] * (tokens // 1024)
+    if mix == "one-sample":
+        return [tokens]
+    # SFT conversations: median ~600 tokens, a long tail to 16k; the last sample is cut
+    # to fill the row exactly.
+    gen = torch.Generator().manual_seed(tokens)
+    lengths, total = [], 0
+    while total < tokens:
+        draw = torch.empty(1).log_normal_(math.log(600.0), 1.0, generator=gen)
+        length = min(max(int(draw), 16), 16384, tokens - total)
+        lengths.append(length)
+        total += length
+    return lengths
+
+
+def _cases():
+    cases = []
+    for model in MODELS:
+        for tokens in ROWS:
+            for mix in MIXES:
+                for name in PASSES:
+                    if tokens > 32768 and name != "fwd_bwd":
+                        continue
+                    cases.append((model, tokens, mix, name))
+    return cases
+
+
+def _impl_fn(impl: str):
+    if impl == OURS:
+        from kernels import varlen_attn_func
+
+        return lambda q, k, v, cu, m: varlen_attn_func(q, k, v, cu, cu, m, m, causal=True)
+    fn = {FA2: fa2_varlen, XTUNER: xtuner_varlen, SDPA: sdpa_dense_loop}[impl]
+    return lambda q, k, v, cu, m: fn(q, k, v, cu, cu, m, m, True)
+
+
+_DATA = {}
+
+
+def _data(model: str, tokens: int, mix: str):
+    """Inputs of one workload, kept until the next workload (one in memory at a time)."""
+    key = (model, tokens, mix)
+    if key not in _DATA:
+        _DATA.clear()
+        hq, hkv = MODELS[model]
+        lengths = _lengths(mix, tokens)
+        gen = torch.Generator(device="cuda").manual_seed(tokens + len(lengths))
+
+        def rand(*shape):
+            return torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16)
+
+        cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+        _DATA[key] = dict(q=rand(tokens, hq, HEAD_DIM).requires_grad_(),
+                          k=rand(tokens, hkv, HEAD_DIM).requires_grad_(),
+                          v=rand(tokens, hkv, HEAD_DIM).requires_grad_(),
+                          dout=rand(tokens, hq, HEAD_DIM), cu=cu, max_seqlen=max(lengths),
+                          pairs=sum(n * (n + 1) // 2 for n in lengths), samples=len(lengths))
+    return _DATA[key]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model,tokens,mix,pass_name", _cases(),
+                         ids=lambda x: str(x))
+def test_varlen_attention(benchmark, impl, model, tokens, mix, pass_name):
+    requires_cuda()
+    if impl != OURS:
+        reason = fa2_unavailable_reason()
+        if reason and impl != SDPA:
+            skip_missing(impl, reason)
+        if impl == SDPA and tokens > 8192:
+            pytest.skip(f"{SDPA} is benchmarked on 8k rows only (one Python call per sample)")
+    data = _data(model, tokens, mix)
+    hq, hkv = MODELS[model]
+    attn = _impl_fn(impl)
+    q, k, v, dout, cu, m = (data[n] for n in ("q", "k", "v", "dout", "cu", "max_seqlen"))
+    state = {}
+
+    def clear_grads():
+        for x in (q, k, v):
+            x.grad = None
+
+    def forward():
+        return attn(q, k, v, cu, m)
+
+    def fwd_only():
+        forward()
+
+    def setup_bwd():
+        clear_grads()
+        state["out"] = forward()
+
+    def bwd_only():
+        state.pop("out").backward(dout)
+
+    def fwd_bwd():
+        forward().backward(dout)
+
+    # Compile (and autotune) outside the timing and the peak-memory measurement.
+    fwd_bwd()
+    clear_grads()
+    torch.cuda.synchronize()
+
+    fn, setup = {"fwd": (fwd_only, None), "bwd": (bwd_only, setup_bwd),
+                 "fwd_bwd": (fwd_bwd, clear_grads)}[pass_name]
+    case = {"bench": f"attn_{pass_name}", "model": model, "tokens": tokens, "mix": mix,
+            "hq": hq, "hkv": hkv, "d": HEAD_DIM, "dtype": "bf16", "causal": True}
+    flops = 4.0 * hq * HEAD_DIM * data["pairs"] * BWD_FLOP_RATIO[pass_name]
+    big = tokens > 32768
+    benchmark.extra_info["samples"] = data["samples"]
+    if impl in (FA2, XTUNER):
+        benchmark.extra_info["fa2"] = fa2_name()
+    measure(benchmark, fn, impl=impl, case=case, flops=flops, setup=setup,
+            rounds=3 if big else None, warmup_rounds=1 if big else 3)
