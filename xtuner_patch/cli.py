@@ -27,6 +27,12 @@ def _make_sample_data(args) -> int:
     return 0
 
 
+def _data(args) -> int:
+    from .dataset.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xtuner-patch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--vocab-size", type=int, default=2048)
     data.add_argument("--long-sample-length", type=int, default=3000,
                       help="length of the samples meant to exceed a pack")
+
+    from .dataset.cli import add_subcommands as add_data_subcommands
+
+    add_data_subcommands(sub)
     return parser
 
 
@@ -61,7 +71,8 @@ def main(argv=None) -> int:
 
         return launch(argv[1:])
     args = build_parser().parse_args(argv)
-    handlers = {"make-tiny-model": _make_tiny_model, "make-sample-data": _make_sample_data}
+    handlers = {"make-tiny-model": _make_tiny_model, "make-sample-data": _make_sample_data,
+                "data": _data}
     return handlers[args.command](args)
 
 
