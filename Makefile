@@ -6,25 +6,34 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The stamp changes with the pins, so editing them re-runs the install.
 STAMP := $(VENV)/.installed-$(shell cat requirements/ci.txt requirements/ci-lock.txt pyproject.toml | sha1sum | cut -c1-12)
+# A regular (not editable) install: editable installs do not get xtuner-patch.pth,
+# the auto-import behind `XTUNER_PATCH=1 xtuner train`.  Reinstalled when sources change.
+PKG_STAMP := $(VENV)/.package-installed
+PKG_SOURCES := $(shell find kernels xtuner_patch -name '*.py') setup.py pyproject.toml \
+	xtuner-patch.pth _xtuner_patch_autoload.py
 DEMO := .cache/demo
 
 .PHONY: venv demo test bench gpu-check gpu-wheels clean
 
-venv: $(STAMP)
+venv: $(PKG_STAMP)
 
 $(STAMP): requirements/ci.txt requirements/ci-lock.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/ci.txt -c requirements/ci-lock.txt
 	# deepspeed builds from source; with no ops compiled it needs only torch, installed above.
 	DS_BUILD_OPS=0 $(PY) -m pip install -q "deepspeed==0.19.6" -c requirements/ci-lock.txt
-	$(PY) -m pip install -q --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-$(DEMO)/tiny-internlm2/config.json: $(STAMP) xtuner_patch/fixtures/model.py
+$(PKG_STAMP): $(STAMP) $(PKG_SOURCES)
+	$(PY) -m pip install -q --no-deps --no-build-isolation --force-reinstall .
+	rm -rf build xtuner_patch.egg-info
+	touch $@
+
+$(DEMO)/tiny-internlm2/config.json: $(PKG_STAMP) xtuner_patch/fixtures/model.py
 	$(PY) -m xtuner_patch.cli make-tiny-model $(DEMO)/tiny-internlm2 --overwrite
 
-$(DEMO)/ftdp/.complete: $(STAMP) xtuner_patch/fixtures/ftdp.py
+$(DEMO)/ftdp/.complete: $(PKG_STAMP) xtuner_patch/fixtures/ftdp.py
 	rm -rf $(DEMO)/ftdp
 	$(PY) -m xtuner_patch.cli make-sample-data $(DEMO)/ftdp
 	touch $@
@@ -32,10 +41,10 @@ $(DEMO)/ftdp/.complete: $(STAMP) xtuner_patch/fixtures/ftdp.py
 demo: $(DEMO)/tiny-internlm2/config.json $(DEMO)/ftdp/.complete
 	$(VENV)/bin/xtuner-patch train configs/internlm2_tiny_ftdp_cpu.py --work-dir $(DEMO)/work
 
-test: $(STAMP)
+test: $(PKG_STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(PKG_STAMP)
 	$(PY) -m pytest benchmarks/ --benchmark-only
 
 # On the GPU host (system python3 with torch + triton; no venv, no network).

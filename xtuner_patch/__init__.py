@@ -1,9 +1,14 @@
 """xtuner-patch: Triton kernels for XTuner's InternLM2 training path.
 
-``import xtuner_patch`` checks that the framework-free ``kernels`` package next to it
-is ours (Hugging Face's ``kernels`` distribution installs a top-level package of the
-same name) and, on machines without CUDA, installs the small shims XTuner needs to
-run on a CPU (:mod:`xtuner_patch.cpu_compat`).
+``import xtuner_patch``
+
+- checks that the framework-free ``kernels`` package next to it is ours (Hugging
+  Face's ``kernels`` distribution installs a top-level package of the same name);
+- on machines without CUDA, installs the small shims XTuner needs to run on a CPU
+  (:mod:`xtuner_patch.cpu_compat`);
+- patches XTuner's InternLM2 dispatch (:func:`patch`) as soon as ``xtuner.model`` is
+  imported (at once if it already is), unless the environment sets ``XTUNER_PATCH=0``.
+  :func:`unpatch` restores XTuner.
 """
 
 import importlib
@@ -33,5 +38,21 @@ _check_kernels_package()
 from . import cpu_compat  # noqa: E402
 
 cpu_compat.apply()
+
+from .patch import KernelSwitches, active_switches, patch, unpatch  # noqa: E402
+
+__all__ = ["KernelSwitches", "active_switches", "patch", "unpatch"]
+
+
+def _patch_on_import() -> None:
+    """Patch once XTuner's model package is imported (at once if it already is)."""
+    from _xtuner_patch_autoload import call_after_import, disabled
+
+    if disabled():
+        return
+    call_after_import("xtuner.model", lambda _module: patch())
+
+
+_patch_on_import()
 
 __version__ = "0.1.0.dev0"

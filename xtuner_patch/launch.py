@@ -1,11 +1,14 @@
-"""``xtuner-patch train``: run XTuner's own ``tools/train.py`` on every rank, prepared.
+"""``xtuner-patch train``: run XTuner's own ``tools/train.py`` on every rank, patched.
 
 XTuner's ``xtuner train`` re-launches ``tools/train.py`` in new processes (``python``
 or ``torchrun``), so anything done in the launching process is lost.  This launcher
 mirrors that logic (``NPROC_PER_NODE``/``NNODES``/``NODE_RANK``/``ADDR``/``PORT``,
-``--launcher slurm``) but starts :func:`rank_main` in every rank, which prepares the
-process and then runs XTuner's unmodified ``main()``.  Unlike ``xtuner train`` it
-returns the training's exit status.
+``--launcher slurm``) but starts :func:`rank_main` in every rank, which applies the
+CPU shims (on machines without CUDA), the resume fix of :mod:`.torch_compat` and
+:func:`xtuner_patch.patch`, then runs
+XTuner's unmodified ``main()``.  ``XTUNER_PATCH=0`` runs XTuner's stock path (shims
+only), for side-by-side comparisons.  Unlike ``xtuner train`` it returns the
+training's exit status.
 """
 
 import os
@@ -15,19 +18,21 @@ import sys
 from typing import List, Optional
 
 
-def prepare_process() -> None:
-    """Everything a training rank needs before XTuner builds anything."""
-    from . import cpu_compat
-
-    cpu_compat.apply()
-
-
 def rank_main(argv: Optional[List[str]] = None) -> None:
-    """Entry of one training rank: prepare, then run XTuner's ``tools/train.py`` main."""
+    """Entry of one training rank: shims and patch, then XTuner's ``tools/train.py`` main."""
     argv = sys.argv[1:] if argv is None else argv
-    prepare_process()
+    from _xtuner_patch_autoload import disabled
+
+    import xtuner_patch  # applies the CPU shims where CUDA is absent
     from xtuner.tools import train as xtuner_train
 
+    from .torch_compat import allow_full_checkpoint_loads
+
+    allow_full_checkpoint_loads()
+
+    if not disabled():
+        # After importing the train tool, so that the names it bound are patched too.
+        xtuner_patch.patch()
     sys.argv = [xtuner_train.__file__] + list(argv)
     xtuner_train.main()
 

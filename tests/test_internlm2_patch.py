@@ -1,0 +1,178 @@
+"""Model parity: a tiny InternLM2 patched vs XTuner's stock model and a float64 reference.
+
+The float64 reference runs every packed sample as its own sequence through the
+unpatched model (what a block-diagonal causal mask means), so it shares no code with
+the patched path.  On CPU the patched model runs the Triton kernels under the
+interpreter (fp32); the ``gpu`` test repeats the comparison in bf16.
+"""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("xtuner.model")
+
+from mmengine import MessageHub  # noqa: E402
+
+import xtuner_patch  # noqa: E402
+from tests.helpers import DEVICE, HAS_CUDA, REL_TOL, assert_rel_close, rel_error  # noqa: E402
+from xtuner_patch.patch import KernelSwitches  # noqa: E402
+from xtuner_patch.dispatch import make_dispatch_modules  # noqa: E402
+
+ATTN_IMPLEMENTATIONS = ["eager", "sdpa", "flash_attention_2"]
+
+
+def _load(checkpoint, attn_implementation="eager", dtype=torch.float32):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=True)
+    config.attn_implementation = attn_implementation
+    # Built from the config (not from_pretrained) so that the flash-attention-2 class
+    # can be instantiated without flash-attn; weights copied from the checkpoint.
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    reference = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)
+    model.load_state_dict(reference.state_dict())
+    return model.to(device=DEVICE, dtype=dtype)
+
+
+def _dispatch(model, use_varlen_attn=True, **switches):
+    stock = lambda model, use_varlen_attn=False: None  # noqa: E731  (XTuner's no-op on CPU)
+    make_dispatch_modules(stock, KernelSwitches(**switches))(model, use_varlen_attn)
+    return model
+
+
+def _packed_batch(gen, lengths, vocab):
+    total = sum(lengths)
+    input_ids = torch.randint(3, vocab, (1, total), generator=gen, device=DEVICE)
+    labels = input_ids.clone()
+    labels[0, :: 7] = -100
+    position_ids = torch.cat([torch.arange(n, device=DEVICE) for n in lengths]).unsqueeze(0)
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    return input_ids, labels, position_ids, cu
+
+
+@pytest.fixture
+def varlen_args():
+    hub = MessageHub.get_instance("varlen_attn_args")
+
+    def put(cu, max_seqlen):
+        hub.update_info("cumulative_len_rank_0", cu)
+        hub.update_info("max_seqlen_rank_0", max_seqlen)
+
+    yield put
+    put(None, None)
+
+
+def _reference_per_sample(model64, input_ids, lengths):
+    """Logits of every packed sample run on its own through the float64 stock model."""
+    pieces, start = [], 0
+    for n in lengths:
+        ids = input_ids[:, start:start + n]
+        pieces.append(model64(ids, position_ids=torch.arange(n, device=DEVICE)[None]).logits)
+        start += n
+    return torch.cat(pieces, 1)
+
+
+def _shifted_loss(logits, labels):
+    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:],
+                                             ignore_index=-100)
+
+
+@pytest.mark.parametrize("attn_implementation", ATTN_IMPLEMENTATIONS)
+def test_packed_forward_backward_matches_float64_reference(
+        tiny_checkpoint, gen, varlen_args, attn_implementation):
+    model = _dispatch(_load(tiny_checkpoint, attn_implementation))
+    model64 = _load(tiny_checkpoint, "eager", torch.float64)
+    lengths = [17, 1, 40, 6, 32]
+    input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, model.config.vocab_size)
+    varlen_args(cu, max(lengths))
+
+    out = model(input_ids, position_ids=position_ids, labels=labels)
+    out.loss.backward()
+    ref_logits = _reference_per_sample(model64, input_ids, lengths)
+    ref_loss = _shifted_loss(ref_logits, labels)
+    ref_loss.backward()
+
+    # A whole model in fp32 against float64: the per-op tolerance, 20x for depth.
+    assert_rel_close(out.logits, ref_logits, torch.float32, factor=20, name="logits")
+    assert abs(out.loss.item() - ref_loss.item()) < 1e-4
+    grads = dict(model64.named_parameters())
+    for name, param in model.named_parameters():
+        assert_rel_close(param.grad, grads[name].grad, torch.float32, factor=50, name=name)
+
+
+def test_switches_off_match_too(tiny_checkpoint, gen, varlen_args):
+    lengths = [30, 34]
+    full = _dispatch(_load(tiny_checkpoint))
+    partial = _dispatch(_load(tiny_checkpoint), rope=False, rms_norm=False,
+                        fused_residual=False)
+    input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, full.config.vocab_size)
+    varlen_args(cu, max(lengths))
+    a = full(input_ids, position_ids=position_ids).logits
+    b = partial(input_ids, position_ids=position_ids).logits
+    assert_rel_close(a, b, torch.float32, factor=20)
+    for module in partial.modules():
+        if type(module).__name__ in ("InternLM2RMSNorm", "InternLM2DecoderLayer"):
+            assert "forward" not in module.__dict__  # switched off: the class's forward
+
+
+def test_unpacked_batch_with_padding_matches_stock(tiny_checkpoint, gen):
+    """Without varlen arguments: each row is causal, padding removed before attention."""
+    model = _dispatch(_load(tiny_checkpoint), use_varlen_attn=False)
+    stock = _load(tiny_checkpoint)
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(3, vocab, (2, 24), generator=gen, device=DEVICE)
+    mask = torch.ones(2, 24, dtype=torch.long, device=DEVICE)
+    mask[1, 15:] = 0  # right padding
+    got = model(input_ids, attention_mask=mask).logits
+    want = stock(input_ids, attention_mask=mask).logits
+    assert_rel_close(got[0], want[0], torch.float32, factor=20, name="row 0")
+    assert_rel_close(got[1, :15], want[1, :15], torch.float32, factor=20, name="row 1")
+    # No mask at all: plain causal rows.
+    assert_rel_close(model(input_ids).logits, stock(input_ids).logits, torch.float32, factor=20)
+
+
+def test_greedy_generate_gives_stock_tokens(tiny_checkpoint, gen):
+    model = _dispatch(_load(tiny_checkpoint), use_varlen_attn=True)
+    stock = _load(tiny_checkpoint)
+    prompt = torch.randint(3, model.config.vocab_size, (1, 12), generator=gen, device=DEVICE)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, **kwargs), stock.generate(prompt, **kwargs))
+
+
+def test_dispatch_replaces_every_internlm2_module(tiny_checkpoint):
+    model = _dispatch(_load(tiny_checkpoint))
+    layers = model.config.num_hidden_layers
+    patched = [type(m).__name__ for m in model.modules()
+               if "forward" in m.__dict__ and m.forward.__func__.__module__ == "xtuner_patch.internlm2"]
+    assert patched.count("InternLM2Attention") == layers
+    assert patched.count("InternLM2DecoderLayer") == layers
+    assert patched.count("InternLM2RMSNorm") == 2 * layers + 1
+
+
+def test_unsupported_head_dim_keeps_xtuner_forward(tiny_checkpoint, caplog):
+    model = _load(tiny_checkpoint)
+    attention = model.model.layers[0].attention
+    attention.head_dim = 48  # as a model with head_dim 48 would have
+    with caplog.at_level("WARNING", logger="xtuner_patch"):
+        _dispatch(model)
+    assert "forward" not in attention.__dict__
+    assert "head_dim 48" in caplog.text
+
+
+@pytest.mark.gpu
+def test_packed_bf16_on_gpu_matches_float64(tiny_checkpoint, gen, varlen_args):
+    model = _dispatch(_load(tiny_checkpoint, dtype=torch.bfloat16))
+    stock = _load(tiny_checkpoint, dtype=torch.bfloat16)
+    model64 = _load(tiny_checkpoint, "eager", torch.float64)
+    lengths = [300, 1, 700, 23]
+    input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, model.config.vocab_size)
+    varlen_args(cu, max(lengths))
+    ours = model(input_ids, position_ids=position_ids).logits
+    ref = _reference_per_sample(model64, input_ids, lengths)
+    stock_err = rel_error(_reference_per_sample(stock, input_ids, lengths), ref)
+    err = rel_error(ours, ref)
+    # No worse than XTuner's stock bf16 model run sample by sample.
+    assert err <= max(1.5 * stock_err, REL_TOL[torch.bfloat16]), (err, stock_err)
+    assert HAS_CUDA

@@ -1,0 +1,137 @@
+"""The patch of XTuner: reversible, idempotent, switchable, logged once, scoped to InternLM2."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+pytest.importorskip("xtuner.model")
+
+import xtuner.model.modules as xtuner_modules  # noqa: E402
+import xtuner.model.modules.dispatch as xtuner_dispatch  # noqa: E402
+import xtuner.model.sft as xtuner_sft  # noqa: E402
+
+import xtuner_patch  # noqa: E402
+from xtuner_patch.patch import KernelSwitches  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def stock():
+    """XTuner unpatched for the test; the session's patch state is restored after."""
+    before = xtuner_patch.active_switches()
+    xtuner_patch.unpatch()
+    yield xtuner_dispatch.dispatch_modules
+    xtuner_patch.unpatch()
+    if before is not None:
+        xtuner_patch.patch(**before.__dict__)
+
+
+def test_patch_rebinds_every_xtuner_name_and_unpatch_restores(stock):
+    xtuner_patch.patch()
+    for module in (xtuner_dispatch, xtuner_modules, xtuner_sft):
+        assert module.dispatch_modules is not stock
+        assert module.dispatch_modules.__wrapped__ is stock
+    xtuner_patch.unpatch()
+    for module in (xtuner_dispatch, xtuner_modules, xtuner_sft):
+        assert module.dispatch_modules is stock
+    assert xtuner_patch.active_switches() is None
+    xtuner_patch.unpatch()  # a second unpatch is a no-op
+    assert xtuner_sft.dispatch_modules is stock
+
+
+def test_patch_twice_is_a_no_op(stock):
+    first = xtuner_patch.patch()
+    patched = xtuner_sft.dispatch_modules
+    assert xtuner_patch.patch() == first
+    assert xtuner_sft.dispatch_modules is patched
+    # Different switches re-patch from the stock function, never wrap a wrapper.
+    xtuner_patch.patch(rms_norm=False)
+    assert xtuner_sft.dispatch_modules.__wrapped__ is stock
+    assert xtuner_sft.dispatch_modules.xtuner_patch_switches.rms_norm is False
+
+
+def test_switches_from_arguments_and_environment(monkeypatch):
+    monkeypatch.setenv("XTUNER_PATCH_RMS_NORM", "0")
+    monkeypatch.setenv("XTUNER_PATCH_ROPE", "off")
+    switches = KernelSwitches.resolve()
+    assert (switches.attention, switches.rope, switches.rms_norm) == (True, False, False)
+    assert KernelSwitches.resolve(rms_norm=True).rms_norm is True  # argument wins
+    with pytest.raises(TypeError, match="unknown kernel switches"):
+        KernelSwitches.resolve(flash=True)
+
+
+def test_one_log_line_per_process():
+    code = textwrap.dedent("""
+        import xtuner_patch, xtuner.model
+        xtuner_patch.patch(); xtuner_patch.patch(); xtuner_patch.unpatch(); xtuner_patch.patch()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+             if "dispatch_modules patched" in ln]
+    assert len(lines) == 1, lines
+    assert "kernels.varlen_attn_func" in lines[0] and "kernels.rms_norm" in lines[0]
+
+
+def test_xtuner_patch_0_leaves_xtuner_alone():
+    code = "import xtuner_patch, xtuner.model.sft as s; print(s.dispatch_modules.__module__)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO, XTUNER_PATCH="0"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("xtuner.model.modules.dispatch")
+
+
+def test_non_internlm2_model_is_left_to_xtuner(stock):
+    import torch
+
+    calls = []
+
+    def fake_stock(model, use_varlen_attn=False):
+        calls.append(use_varlen_attn)
+
+    from xtuner_patch.dispatch import make_dispatch_modules
+
+    dispatch = make_dispatch_modules(fake_stock, KernelSwitches())
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    forward = model[0].forward
+    dispatch(model)
+    assert calls == [False]
+    assert model[0].forward == forward
+    if not xtuner_dispatch.SUPPORT_FLASH2:
+        with pytest.raises(RuntimeError, match="InternLM2 models only"):
+            dispatch(model, use_varlen_attn=True)
+
+
+def test_check_cfg_lifts_only_the_flash_attn_requirement(stock):
+    from mmengine.config import Config
+
+    train = pytest.importorskip("xtuner.tools.train")
+    xtuner_patch.patch()
+    assert train.check_cfg.xtuner_patch_original is not None
+    args = types.SimpleNamespace(deepspeed=None)
+
+    def cfg(**kw):
+        base = dict(use_varlen_attn=True, model=dict(llm=dict(attn_implementation="eager")),
+                    train_dataloader=dict(batch_size=1, dataset=dict()))
+        base.update(kw)
+        return Config(base)
+
+    config = cfg()
+    train.check_cfg(config, args)  # accepted without flash-attn, any attention class
+    assert config.model.llm.attn_implementation == "eager"  # config left as it was
+    with pytest.raises(NotImplementedError, match="batch size"):
+        train.check_cfg(cfg(train_dataloader=dict(batch_size=2, dataset=dict())), args)
+    # Sequence parallel keeps XTuner's own requirements.
+    with pytest.raises(AssertionError, match="DeepSpeed" if xtuner_dispatch.SUPPORT_FLASH2
+                       else "flash_attn"):
+        train.check_cfg(cfg(sequence_parallel_size=2), args)
+    xtuner_patch.unpatch()
+    if not xtuner_dispatch.SUPPORT_FLASH2:
+        with pytest.raises(AssertionError, match="flash_attn"):
+            train.check_cfg(cfg(), args)

@@ -1,0 +1,52 @@
+"""Pick, per call, the Triton kernel or the pure-PyTorch reference it is tested against.
+
+Triton kernels run on CUDA tensors, and on CPU tensors under the Triton interpreter
+(``TRITON_INTERPRET=1`` set before ``kernels`` is imported, as the test-suite does).
+Anything else - CPU training without the interpreter, as in ``make demo`` - runs the
+references from :mod:`kernels.reference`, with one warning per process: same
+semantics, PyTorch speed.
+"""
+
+import logging
+
+import torch
+
+import kernels
+from kernels import reference
+from kernels._runtime import INTERPRETER
+
+logger = logging.getLogger("xtuner_patch")
+_warned = set()
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    if tensor.is_cuda or INTERPRETER:
+        return True
+    if tensor.device.type not in _warned:
+        _warned.add(tensor.device.type)
+        logger.warning("xtuner-patch: Triton kernels need CUDA (or TRITON_INTERPRET=1); "
+                       "tensors on %s run the PyTorch reference implementations",
+                       tensor.device.type)
+    return False
+
+
+def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen):
+    """Causal attention within packed sequences; ``q`` ``[t, hq, d]``, ``k``/``v`` ``[t, hkv, d]``."""
+    if use_triton(q):
+        return kernels.varlen_attn_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                        causal=True)
+    return reference.varlen_attn_reference(q, k, v, cu_seqlens, cu_seqlens, causal=True)[0]
+
+
+def rms_norm(x, weight, eps, residual=None):
+    """``InternLM2RMSNorm`` of ``x`` (or of ``x + residual``, returned too)."""
+    if use_triton(x):
+        return kernels.rms_norm(x, weight, eps, residual=residual)
+    return reference.rms_norm_reference(x, weight, eps, residual=residual)
+
+
+def split_qkv_rotary(qkv, num_kv_heads, head_dim, *, fused: bool, **rope):
+    """q, k (rotated) and v from InternLM2's ``wqkv`` output; ``fused`` picks our kernel."""
+    if fused and use_triton(qkv):
+        return kernels.split_qkv_rotary(qkv, num_kv_heads, head_dim, **rope)
+    return reference.split_qkv_rotary_reference(qkv, num_kv_heads, head_dim, **rope)
