@@ -75,17 +75,16 @@ def ratio_table(rows) -> str:
 def speedups(rows, x_key="tokens"):
     """``{(series, baseline): [(x, speed-up), ...]}`` for plotting speed-up vs ``x_key``.
 
-    ``series`` is the benchmark family (``extra['bench']``) plus its case keys other
-    than ``x_key``, so curves of different shapes are not mixed.
+    ``series`` is the case (the benchmark group, ``k=v`` words from the ``case`` dict)
+    without its ``x_key`` word, so curves of different shapes are not mixed and
+    measured values never split a curve.
     """
     curves = {}
     for group, members in _group(rows).items():
         ours = next((r for r in members if r["impl"] == OURS), None)
         if ours is None or x_key not in ours["extra"]:
             continue
-        series = " ".join(f"{k}={v}" for k, v in ours["extra"].items()
-                          if k not in (x_key, "impl", "flops", "tflops", "bytes", "gbps",
-                                       "peak_mem_bytes", "throughput", "throughput_unit"))
+        series = " ".join(w for w in group.split(" ") if not w.startswith(f"{x_key}="))
         for row in members:
             if row is ours:
                 continue
