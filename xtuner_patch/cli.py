@@ -33,6 +33,12 @@ def _data(args) -> int:
     return run(args)
 
 
+def _convert(args) -> int:
+    from .convert import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xtuner-patch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .dataset.cli import add_subcommands as add_data_subcommands
 
     add_data_subcommands(sub)
+
+    from .convert import add_subcommands as add_convert_subcommands
+
+    add_convert_subcommands(sub)
     return parser
 
 
@@ -72,7 +82,7 @@ def main(argv=None) -> int:
         return launch(argv[1:])
     args = build_parser().parse_args(argv)
     handlers = {"make-tiny-model": _make_tiny_model, "make-sample-data": _make_sample_data,
-                "data": _data}
+                "data": _data, "convert": _convert}
     return handlers[args.command](args)
 
 
