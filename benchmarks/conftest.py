@@ -70,12 +70,11 @@ def measure(benchmark, fn, *, impl: str, case: dict, flops: float = None,
         target()
         benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
 
-    pedantic_setup = None
-    if setup is not None:
-        def pedantic_setup():
-            setup()
-            _sync()
-    benchmark.pedantic(target, setup=pedantic_setup, rounds=rounds,
+    def synced_setup():
+        setup()
+        _sync()
+
+    benchmark.pedantic(target, setup=synced_setup if setup is not None else None, rounds=rounds,
                        warmup_rounds=warmup_rounds, iterations=1)
     stats = benchmark.stats.stats
     if flops is not None:

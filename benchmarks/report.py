@@ -3,7 +3,7 @@
 Usage::
 
     pytest benchmarks/ --benchmark-only --benchmark-json=results.json
-    python -m benchmarks.report results.json --out benchmarks/results/<device>/
+    python -m benchmarks.report results.json [more.json ...] --out benchmarks/results/<device>/
 
 Within one ``benchmark.group`` (one workload), the row of ``xtuner-patch`` is compared
 with every other implementation: ``speed-up = baseline median / ours median`` (> 1
@@ -128,25 +128,29 @@ def plot_speedups(rows, out_dir, x_key="tokens"):
     return written
 
 
-def write_report(json_path, out_dir, title=None):
-    with open(json_path) as f:
-        data = json.load(f)
-    rows = rows_from_json(data)
+def write_report(json_paths, out_dir, title=None):
+    """Write ``results.md`` and plots for one or more ``--benchmark-json`` files."""
+    if isinstance(json_paths, str):
+        json_paths = [json_paths]
+    rows, runs, machine = [], [], {}
+    for path in json_paths:
+        with open(path) as f:
+            data = json.load(f)
+        rows.extend(rows_from_json(data))
+        runs.append(data.get("datetime", ""))
+        machine = machine or data.get("machine_info", {})
     os.makedirs(out_dir, exist_ok=True)
-    machine = data.get("machine_info", {})
     header = title or f"Benchmarks on {machine.get('node', 'unknown host')}"
-    when = data.get("datetime", "")
-    table = ratio_table(rows)
     md_path = os.path.join(out_dir, "results.md")
     with open(md_path, "w") as f:
-        f.write(f"# {header}\n\nRun: {when}\n\n{table}\n")
+        f.write(f"# {header}\n\nRun: {', '.join(r for r in runs if r)}\n\n{ratio_table(rows)}\n")
     plots = plot_speedups(rows, out_dir)
     return md_path, plots
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="file written by --benchmark-json")
+    parser.add_argument("json", nargs="+", help="files written by --benchmark-json")
     parser.add_argument("--out", required=True, help="output folder, e.g. benchmarks/results/<device>")
     parser.add_argument("--title", default=None)
     args = parser.parse_args(argv)

@@ -14,42 +14,23 @@ The 128k rows run only forward+backward, with 3 rounds; the dense SDPA loop only
 only costs benchmark time).
 """
 
-import math
-
 import pytest
 import torch
 
 from benchmarks.conftest import OURS, measure, requires_cuda, skip_missing
+from benchmarks.workloads import MIXES, packed_lengths
 from tests.baselines import (fa2_name, fa2_unavailable_reason, fa2_varlen, sdpa_dense_loop,
                              xtuner_varlen)
 
 MODELS = {"internlm2-7b": (32, 8), "internlm2-1.8b": (16, 8)}
 HEAD_DIM = 128
 ROWS = (8192, 32768, 131072)
-MIXES = ("equal-1k", "sft-lognormal", "one-sample")
 PASSES = ("fwd", "bwd", "fwd_bwd")
 FA2 = "fa2"
 XTUNER = "xtuner-repeat-kv-fa2"
 SDPA = "sdpa-dense-loop"
 IMPLS = (OURS, FA2, XTUNER, SDPA)
 BWD_FLOP_RATIO = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
-
-
-def _lengths(mix: str, tokens: int) -> list:
-    if mix == "equal-1k":
-        return [1024] * (tokens // 1024)
-    if mix == "one-sample":
-        return [tokens]
-    # SFT conversations: median ~600 tokens, a long tail to 16k; the last sample is cut
-    # to fill the row exactly.
-    gen = torch.Generator().manual_seed(tokens)
-    lengths, total = [], 0
-    while total < tokens:
-        draw = torch.empty(1).log_normal_(math.log(600.0), 1.0, generator=gen)
-        length = min(max(int(draw), 16), 16384, tokens - total)
-        lengths.append(length)
-        total += length
-    return lengths
 
 
 def _cases():
@@ -82,7 +63,7 @@ def _data(model: str, tokens: int, mix: str):
     if key not in _DATA:
         _DATA.clear()
         hq, hkv = MODELS[model]
-        lengths = _lengths(mix, tokens)
+        lengths = packed_lengths(mix, tokens)
         gen = torch.Generator(device="cuda").manual_seed(tokens + len(lengths))
 
         def rand(*shape):

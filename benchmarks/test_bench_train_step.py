@@ -1,0 +1,134 @@
+"""A full training step of InternLM2 (forward, backward, AdamW): patched vs XTuner's stock path.
+
+Models: InternLM2-1.8B (all 24 layers) and a 7B-width slice (4 layers), bf16
+weights, activation checkpointing on (as XTuner configs enable it), one packed row
+of 32k tokens with the SFT length mix, varlen attention arguments in XTuner's
+MessageHub, exactly as ``VarlenAttnArgsToMessageHubHook`` leaves them.
+
+- ``xtuner-patch``: XTuner's dispatch patched by :func:`xtuner_patch.patch`.
+- ``xtuner-stock-fa2``: XTuner's own dispatch and its own ``internlm2_varlen_attn_forward``
+  (K/V repeated, RoPE as PyTorch ops, RMSNorm as PyTorch ops), with flash-attn's
+  ``flash_attn_varlen_func`` when installed, else PyTorch's built-in FA2 kernel put in
+  its place (the only substitution; the GPU test host has no flash-attn).
+
+Reported: tokens/s (``throughput``), model TFLOP/s (6 x non-embedding parameters x
+tokens, plus the causal attention FLOPs per sample and the LM head; recomputation
+under checkpointing not counted) and peak memory of the step.
+"""
+
+import pytest
+import torch
+
+from benchmarks.conftest import OURS, measure, requires_cuda, skip_missing
+from benchmarks.workloads import packed_lengths
+
+STOCK = "xtuner-stock-fa2"
+TOKENS = 32768
+MODELS = {"internlm2-1.8b": ("1_8b", {}), "internlm2-7b-4layers": ("7b", {"num_hidden_layers": 4})}
+
+
+def _stock_fa2_available():
+    """Make XTuner's varlen attention module call an FA2 kernel; '' or why it cannot."""
+    from tests.baselines import fa2_unavailable_reason, fa2_varlen
+
+    reason = fa2_unavailable_reason()
+    if reason:
+        return reason
+    import xtuner.model.modules.dispatch as dispatch
+    import xtuner.model.modules.dispatch.attention as attention
+    import xtuner.model.modules.dispatch.internlm2 as internlm2
+
+    if not attention.SUPPORT_FLASH2:
+        def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None,
+                                   dropout_p=0.0, causal=True, **_unused):
+            return fa2_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale)
+
+        attention.flash_attn_varlen_func = flash_attn_varlen_func
+        for module in (attention, internlm2, dispatch):
+            module.SUPPORT_FLASH2 = True
+    return ""
+
+
+def _model(preset: str, overrides: dict):
+    from xtuner._lite.modelings.internlm2 import InternLM2ForCausalLM
+
+    from xtuner_patch.fixtures import internlm2_config_dict, internlm2_hf_config
+
+    # The attention class XTuner's varlen dispatch targets.
+    config = internlm2_hf_config(internlm2_config_dict(
+        preset, attn_implementation="flash_attention_2", **overrides))
+    config.use_cache = False
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = InternLM2ForCausalLM(config).to(torch.bfloat16)
+    model.gradient_checkpointing_enable()
+    model.train()
+    return model
+
+
+def _model_flops(config, lengths) -> float:
+    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    hd = h // config.num_attention_heads
+    kv = config.num_key_value_heads * hd
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * config.intermediate_size
+    tokens = sum(lengths)
+    dense = 6.0 * (layers * per_layer + h * vocab) * tokens
+    pairs = sum(n * (n + 1) // 2 for n in lengths)
+    attention = 3 * 4.0 * config.num_attention_heads * hd * pairs * layers
+    return dense + attention
+
+
+@pytest.mark.parametrize("impl", [OURS, STOCK])
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_train_step(benchmark, model_name, impl):
+    requires_cuda()
+    pytest.importorskip("xtuner.model", reason="needs xtuner (make gpu-wheels)")
+    from mmengine import MessageHub
+
+    import xtuner_patch
+
+    if impl == STOCK:
+        reason = _stock_fa2_available()
+        if reason:
+            skip_missing(STOCK, reason)
+        xtuner_patch.unpatch()
+    else:
+        xtuner_patch.patch()
+    try:
+        import xtuner.model.modules.dispatch as dispatch
+
+        preset, overrides = MODELS[model_name]
+        model = _model(preset, overrides)
+        dispatch.dispatch_modules(model, use_varlen_attn=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+        lengths = packed_lengths("sft-lognormal", TOKENS)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        input_ids = torch.randint(3, model.config.vocab_size, (1, TOKENS), device="cuda",
+                                  generator=gen)
+        position_ids = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
+        cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+        hub = MessageHub.get_instance("varlen_attn_args")
+        hub.update_info("cumulative_len_rank_0", cu)
+        hub.update_info("max_seqlen_rank_0", max(lengths))
+
+        def step():
+            loss = model(input_ids=input_ids, labels=input_ids,
+                         position_ids=position_ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # compile, autotune, allocate optimizer state
+        torch.cuda.synchronize()
+        case = {"bench": "train_step", "model": model_name, "tokens": TOKENS,
+                "mix": "sft-lognormal", "dtype": "bf16", "checkpointing": True}
+        measure(benchmark, step, impl=impl, case=case,
+                flops=_model_flops(model.config, lengths), rounds=5, warmup_rounds=1)
+        median = benchmark.stats.stats.median
+        benchmark.extra_info.update(throughput=TOKENS / median, throughput_unit="tokens/s")
+    finally:
+        hub = MessageHub.get_instance("varlen_attn_args")
+        hub.update_info("cumulative_len_rank_0", None)
+        hub.update_info("max_seqlen_rank_0", None)
+        xtuner_patch.patch()
