@@ -6,8 +6,6 @@ the patched path.  On CPU the patched model runs the Triton kernels under the
 interpreter (fp32); the ``gpu`` test repeats the comparison in bf16.
 """
 
-import copy
-
 import pytest
 import torch
 
@@ -15,7 +13,6 @@ pytest.importorskip("xtuner.model")
 
 from mmengine import MessageHub  # noqa: E402
 
-import xtuner_patch  # noqa: E402
 from tests.helpers import DEVICE, HAS_CUDA, REL_TOL, assert_rel_close, rel_error  # noqa: E402
 from xtuner_patch.patch import KernelSwitches  # noqa: E402
 from xtuner_patch.dispatch import make_dispatch_modules  # noqa: E402

@@ -15,7 +15,7 @@ import sysconfig
 
 import pytest
 
-from tests.xtuner_run import TINY_CONFIG, iteration_metrics, train
+from tests.xtuner_run import TINY_CONFIG, iteration_metrics, train, training_env
 
 pytestmark = [pytest.mark.slow]
 pytest.importorskip("xtuner")
@@ -108,8 +108,8 @@ def _xtuner_cli(tmp_path, config, checkpoint, data, env):
     """Plain ``xtuner train`` from this environment (it re-launches ``python`` from PATH)."""
     xtuner = shutil.which("xtuner", path=os.path.dirname(sys.executable))
     assert xtuner, "the xtuner console script is not installed next to this python"
-    full_env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
-                    + os.environ.get("PATH", ""), **env)
+    full_env = training_env(dict(env, PATH=os.path.dirname(sys.executable) + os.pathsep
+                                 + os.environ.get("PATH", "")))
     full_env.pop("PYTHONPATH", None)  # the installed package, as a user would run it
     cmd = [xtuner, "train", config, "--work-dir", str(tmp_path), "--cfg-options",
            f"model.llm.pretrained_model_name_or_path={checkpoint}",

@@ -16,19 +16,31 @@ def train(work_dir: str, checkpoint: str, data_folder: str, *, config: str = TIN
           max_iters: int = 6, extra_options: Optional[List[str]] = None,
           extra_args: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None,
           timeout: int = 900) -> subprocess.CompletedProcess:
-    """Train the tiny config on ``data_folder`` from ``checkpoint`` for ``max_iters`` steps."""
+    """Train the tiny config on ``data_folder`` from ``checkpoint`` for ``max_iters`` steps.
+
+    The training process does not inherit ``TRITON_INTERPRET`` (set by conftest for
+    this process): on a CPU it runs the kernels' PyTorch references unless ``env``
+    asks for the interpreter, which is much slower.
+    """
     options = [f"model.llm.pretrained_model_name_or_path={checkpoint}",
                f"train_dataloader.dataset.dataset_cfg.folder={data_folder}",
                f"train_cfg.max_iters={max_iters}",
                f"default_hooks.checkpoint.interval={max_iters}"] + list(extra_options or [])
     cmd = [sys.executable, "-m", "xtuner_patch.cli", "train", config, "--work-dir", work_dir,
            *(extra_args or []), "--cfg-options", *options]
-    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    full_env.update(env or {})
+    full_env = training_env(env)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [REPO, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(cmd, cwd=work_dir, env=full_env, capture_output=True, text=True,
                           timeout=timeout)
     return proc
+
+
+def training_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """This process's environment for a training subprocess, without ``TRITON_INTERPRET``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra or {})
+    return env
 
 
 def iteration_metrics(log_text: str) -> List[Dict[str, float]]:

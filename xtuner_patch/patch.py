@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 logger = logging.getLogger("xtuner_patch")
@@ -54,6 +54,8 @@ class KernelSwitches:
 class _State:
     lock = threading.Lock()
     switches: Optional[KernelSwitches] = None
+    stock_dispatch = None  # XTuner's dispatch_modules
+    patched_dispatch = None  # ours, wrapping it
     # (module object, attribute name, original value) for everything replaced.
     replaced: list = []
     logged_for: Optional[KernelSwitches] = None
@@ -169,4 +171,4 @@ def _log_once(switches: KernelSwitches) -> None:
         logger.warning(message)
 
 
-__all__ = ["KernelSwitches", "patch", "unpatch", "active_switches", "asdict"]
+__all__ = ["KernelSwitches", "patch", "unpatch", "active_switches"]
