@@ -69,17 +69,17 @@ def disabled() -> bool:
 
 def _patch_before_config_load(config_module) -> None:
     config_cls = config_module.Config
-    original = config_cls.__dict__["fromfile"].__func__
+    load = config_cls.fromfile  # a static method in mmengine 0.10: callable as is
 
-    def fromfile(cls, *args, **kwargs):
+    def fromfile(*args, **kwargs):
         import xtuner_patch
         from xtuner_patch.torch_compat import allow_full_checkpoint_loads
 
         allow_full_checkpoint_loads()
         xtuner_patch.patch()
-        return original(cls, *args, **kwargs)
+        return load(*args, **kwargs)
 
-    config_cls.fromfile = classmethod(fromfile)
+    config_cls.fromfile = staticmethod(fromfile)
 
 
 if enabled() and not getattr(sys, "_xtuner_patch_autoload_installed", False):
