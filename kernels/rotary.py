@@ -535,6 +535,23 @@ def split_qkv_rotary(qkv: torch.Tensor, num_kv_heads: int, head_dim: int, *,
     gradient of ``qkv`` in one kernel too.  Position and angle arguments as in
     :func:`apply_rotary`.
     """
+    positions, angles = check_split_qkv_rotary(
+        qkv, num_kv_heads, head_dim, position_ids=position_ids, cu_seqlens=cu_seqlens,
+        position_offset=position_offset, inv_freq=inv_freq, position_divisor=position_divisor,
+        cos_sin_cache=cos_sin_cache)
+    return _SplitQKVRotaryFunction.apply(qkv, num_kv_heads, head_dim, positions, angles,
+                                         bool(interleaved))
+
+
+def check_split_qkv_rotary(qkv: torch.Tensor, num_kv_heads: int, head_dim: int, *,
+                           position_ids=None, cu_seqlens=None, position_offset: int = 0,
+                           inv_freq=None, position_divisor: float = 1.0, cos_sin_cache=None
+                           ) -> Tuple[_Positions, _Angles]:
+    """Validate :func:`split_qkv_rotary`'s arguments; the launcher's positions and angles.
+
+    For kernels that write the split and rotated heads elsewhere (sequence-parallel
+    send buffers, :mod:`kernels.sp_layout`) through :func:`launch_rotary`.
+    """
     check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     if qkv.dim() not in (2, 3):
         raise ValueError(f"qkv must be [tokens, width] or [batch, seq, width], got shape "
@@ -552,8 +569,23 @@ def split_qkv_rotary(qkv: torch.Tensor, num_kv_heads: int, head_dim: int, *,
     positions, span = _check_positions(n_batch, seqlen, qkv.device, position_ids, cu_seqlens,
                                        position_offset, angles.cos is not None)
     _check_cache_range(angles, span)
-    return _SplitQKVRotaryFunction.apply(qkv, num_kv_heads, head_dim, positions, angles,
-                                         bool(interleaved))
+    return positions, angles
+
+
+def launch_rotary(q_pair: Tuple[torch.Tensor, torch.Tensor],
+                  k_pair: Tuple[torch.Tensor, torch.Tensor],
+                  v_pair: Tuple[torch.Tensor, torch.Tensor], positions: _Positions,
+                  angles: _Angles, interleaved: bool, inverse: bool) -> None:
+    """Rotate ``q_pair``/``k_pair`` ``(src, dst)`` and copy ``v_pair`` in one launch.
+
+    Each tensor is ``[batch, seq, heads, d]`` or ``[batch, seq, heads_outer, heads_inner,
+    d]`` with any strides but a contiguous last dimension, the source and destination
+    of a pair having the same heads; positions and angles from
+    :func:`check_split_qkv_rotary`.  ``inverse`` rotates back (the backward pass).
+    """
+    _launch([(_heads(q_pair[0]), _heads(q_pair[1])), (_heads(k_pair[0]), _heads(k_pair[1]))],
+            (_heads(v_pair[0]), _heads(v_pair[1])), positions, angles,
+            q_pair[0].shape[-1] // 2, interleaved, inverse)
 
 
 def rotary_inv_freq(head_dim: int, base: float = 10000.0, *,

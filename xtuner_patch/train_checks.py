@@ -1,12 +1,13 @@
-"""XTuner's ``tools/train.py::check_cfg`` with the flash-attn requirement of varlen lifted.
+"""XTuner's ``tools/train.py::check_cfg`` with its flash-attn requirements lifted.
 
-XTuner refuses ``use_varlen_attn=True`` unless flash-attn is installed and the model's
-``attn_implementation`` is unset or ``flash_attention_2``.  With xtuner-patch's
-attention active, InternLM2 runs varlen attention on our kernels with any attention
-class, so the wrapper runs XTuner's own check with exactly that requirement lifted:
-every other check (batch size 1 with varlen, ``max_length`` divisible by the
-sequence-parallel size, DeepSpeed for sequence parallel) still runs, unchanged.
-Sequence parallel keeps XTuner's flash-attn requirement.
+XTuner refuses ``use_varlen_attn=True`` and ``sequence_parallel_size > 1`` unless
+flash-attn is installed and the model's ``attn_implementation`` is unset or
+``flash_attention_2``.  With xtuner-patch's attention active, InternLM2 runs varlen and
+sequence-parallel attention on our kernels with any attention class
+(:mod:`xtuner_patch.sequence_parallel`), so the wrapper runs XTuner's own check with
+exactly that requirement lifted: every other check (batch size 1 with varlen,
+``max_length`` divisible by the sequence-parallel size, DeepSpeed for sequence
+parallel) still runs, unchanged.
 """
 
 import functools
@@ -16,7 +17,7 @@ def make_check_cfg(original):
     @functools.wraps(original)
     def check_cfg(cfg, args):
         lift = (getattr(cfg, "use_varlen_attn", False)
-                and getattr(cfg, "sequence_parallel_size", 1) == 1)
+                or getattr(cfg, "sequence_parallel_size", 1) > 1)
         if not lift:
             return original(cfg, args)
         train_globals = original.__globals__

@@ -1,0 +1,178 @@
+"""One attention layer's sequence-parallel exchanges, forward + backward, per implementation.
+
+Shared by ``benchmarks/test_bench_sequence_parallel.py`` and, run as
+``python -m benchmarks.sp_exchange ADDRESS``, its gloo peer: rank 1 of a 2-rank group
+whose rank 0 is the benchmark process.  The peer runs whatever step rank 0 announces
+(a broadcast before every call), so both ranks always make the same collectives.
+
+Implementations (``step``):
+
+- ``xtuner-patch``: :mod:`xtuner_patch.sequence_parallel`'s exchanges (``pack_heads``,
+  one all-to-all, views; all-to-all, ``unpack_heads``; the reverse in backward);
+- ``xtuner``: what XTuner's varlen InternLM2 forward does: ``repeat_kv_bshd`` on K and
+  V, then ``pre_process_for_sequence_parallel_attn`` / ``post_process_...``
+  (``tensor_split`` + ``contiguous`` + list all-to-all + ``cat`` for each of q, k, v);
+- ``all-to-all``: ``all_to_all_single`` of our byte counts alone (4 per step), the
+  floor ``xtuner-patch`` is measured against.
+
+Attention itself is a free stand-in, so that a step times layouts and exchanges only.
+"""
+
+import contextlib
+import sys
+import types
+
+import torch
+import torch.distributed as dist
+
+from kernels.sp_layout import split_heads
+
+IMPLS = ("xtuner-patch", "xtuner", "all-to-all")
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # InternLM2-7B
+DTYPE = torch.bfloat16
+GLOO_TOKENS = 2048  # per rank
+STOP = -1
+
+
+class _Attend(torch.autograd.Function):
+    """A free stand-in for attention: an output of q's shape, q's gradient passed through,
+    zero K/V gradients allocated once."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dk, dv):
+        ctx.kv_grads = (dk, dv)
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return (dout, *ctx.kv_grads, None, None)
+
+
+@contextlib.contextmanager
+def xtuner_groups(sp: int, group):
+    """XTuner's sequence-parallel globals set to ``group`` (and no inner group needed)."""
+    from xtuner.parallel.sequence import setup_distributed as state
+
+    saved = dict(vars(state))
+    state._SEQUENCE_PARALLEL_GROUP = group
+    state._SEQUENCE_PARALLEL_WORLD_SIZE = sp
+    state._INNER_SEQUENCE_PARALLEL_GROUP = object()  # only tested for being set: insp is 1
+    state._INNER_SEQUENCE_PARALLEL_WORLD_SIZE = 1
+    try:
+        yield
+    finally:
+        for name in [n for n in vars(state) if n.startswith("_") and n.isupper()]:
+            setattr(state, name, saved.get(name))
+
+
+def step(impl: str, sp: int, rank: int, group, tokens: int, device, use_triton: bool):
+    """A callable running one layer's exchanges forward + backward on fresh-looking data."""
+    split = split_heads(HEADS, KV_HEADS, sp)
+    gen = torch.Generator(device=device).manual_seed(rank)
+
+    def randn(*shape, grad=False):
+        x = torch.randn(shape, generator=gen, device=device).to(DTYPE)
+        return x.requires_grad_(grad)
+
+    if impl == "xtuner-patch":
+        from xtuner_patch.sequence_parallel import _FromRankHeads, _HeadLayout, _ToRankHeads
+
+        q, k, v = (randn(tokens, h, HEAD_DIM, grad=True) for h in (HEADS, KV_HEADS, KV_HEADS))
+        kv_grad = torch.zeros(sp * tokens, split.num_kv(rank), HEAD_DIM, dtype=DTYPE,
+                              device=device)
+        dout = randn(tokens, HEADS, HEAD_DIM)
+
+        layout = _HeadLayout(split, HEAD_DIM, use_triton)
+
+        def run():
+            every = _ToRankHeads.apply(layout, rank, group, 1, tokens, q, k, v)
+            out = _Attend.apply(*every, kv_grad, kv_grad)
+            _FromRankHeads.apply(out, split, rank, group, 1, use_triton).backward(dout)
+        return run
+    if impl == "xtuner":
+        from xtuner.model.modules.dispatch.internlm2 import repeat_kv_bshd
+        from xtuner.parallel.sequence import (post_process_for_sequence_parallel_attn,
+                                              pre_process_for_sequence_parallel_attn)
+
+        q, k, v = (randn(1, tokens, h, HEAD_DIM, grad=True) for h in (HEADS, KV_HEADS, KV_HEADS))
+        kv_grad = torch.zeros(1, sp * tokens, HEADS // sp, HEAD_DIM, dtype=DTYPE, device=device)
+        dout = randn(1, tokens, HEADS, HEAD_DIM)
+
+        def run():
+            with xtuner_groups(sp, group):
+                every = pre_process_for_sequence_parallel_attn(
+                    q, repeat_kv_bshd(k, HEADS // KV_HEADS), repeat_kv_bshd(v, HEADS // KV_HEADS))
+                out = _Attend.apply(*every, kv_grad, kv_grad)
+                post_process_for_sequence_parallel_attn(out).backward(dout)
+        return run
+    if impl == "all-to-all":
+        mine_in = [tokens * split.width(rank) * HEAD_DIM] * sp
+        mine_out = [tokens * split.num_q(rank) * HEAD_DIM] * sp
+        sizes = [(split.chunk_numels(tokens, HEAD_DIM), mine_in),  # forward: heads to ranks
+                 (mine_out, split.chunk_numels(tokens, HEAD_DIM, kv=False)),  # output back
+                 (split.chunk_numels(tokens, HEAD_DIM, kv=False), mine_out),  # its gradient
+                 (mine_in, split.chunk_numels(tokens, HEAD_DIM))]  # q/k/v gradients
+        buffers = [(randn(sum(send)), torch.empty(sum(recv), dtype=DTYPE, device=device), send,
+                    recv) for send, recv in sizes]
+
+        def run():
+            for send, recv, send_sizes, recv_sizes in buffers:
+                dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
+        return run
+    raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+@contextlib.contextmanager
+def counting_collectives(sp: int):
+    """Collectives replaced by no-ops that count the bytes this rank would send.
+
+    Yields a dict ``{"bytes": n}`` updated by every exchange of either implementation.
+    """
+    import xtuner.parallel.sequence.comm as xtuner_comm
+
+    import xtuner_patch.sequence_parallel as ours
+
+    sent = {"bytes": 0}
+
+    def count(tensors):
+        sent["bytes"] += sum(t.numel() * t.element_size() for t in tensors)
+
+    fake_ours = types.SimpleNamespace(
+        all_to_all_single=lambda out, inp, out_sizes, in_sizes, group=None: count([inp]))
+    fake_xtuner = types.SimpleNamespace(
+        all_to_all=lambda outs, inps, group=None: count(inps),
+        get_world_size=lambda group=None: sp)
+    saved = ours.dist, xtuner_comm.dist
+    ours.dist, xtuner_comm.dist = fake_ours, fake_xtuner
+    try:
+        yield sent
+    finally:
+        ours.dist, xtuner_comm.dist = saved
+
+
+def announce(case: int) -> None:
+    """Rank 0: tell the peer which gloo case runs next (or STOP)."""
+    dist.broadcast(torch.tensor([case]), src=0)
+
+
+def gloo_steps(rank: int):
+    """The gloo cases, indexed as :func:`announce` numbers them."""
+    return [step(impl, 2, rank, dist.group.WORLD, GLOO_TOKENS, torch.device("cpu"), False)
+            for impl in IMPLS]
+
+
+def peer(address: str) -> None:
+    """Rank 1 of the gloo benchmark: run each announced case until STOP."""
+    dist.init_process_group("gloo", init_method=address, rank=1, world_size=2)
+    steps = gloo_steps(1)
+    case = torch.tensor([0])
+    while True:
+        dist.broadcast(case, src=0)
+        if int(case) == STOP:
+            break
+        steps[int(case)]()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    peer(sys.argv[1])

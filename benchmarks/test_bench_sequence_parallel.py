@@ -1,0 +1,123 @@
+"""Sequence-parallel attention exchanges at InternLM2-7B heads (32 query / 8 kv, d 128, bf16):
+xtuner-patch vs XTuner (see ``benchmarks/sp_exchange.py`` for what each step does).
+
+- ``sp_layout_fwd_bwd`` (sp 2, 4, 8; CPU and GPU): one layer's layouts forward +
+  backward with the collective replaced by a no-op that counts the bytes this rank
+  sends.  On a GPU this times our Triton layout kernels (vs XTuner's PyTorch copies);
+  on a CPU, their PyTorch references.  Ours is the general path, packing q, k, v;
+  training InternLM2-7B at these sizes packs straight from ``wqkv``'s output inside
+  the RoPE kernel instead (``pack_qkv_rotary``), which takes the pack out of this step.
+  ``extra_info`` holds each implementation's bytes per layer forward
+  (``bytes_q/k/v/out``), checked against the shapes: our K and V bytes are a quarter of
+  XTuner's.  Throughputs count our bytes for both (what the exchange needs).
+- ``sp_gloo_fwd_bwd`` (sp 2, CPU): the same with the real all-to-alls over gloo, this
+  process being rank 0 and ``python -m benchmarks.sp_exchange`` rank 1;
+  ``all-to-all`` moves our bytes with nothing else, so ``xtuner-patch`` minus it is
+  our layout cost (``extra_info["layout_share_of_ours"]``, a fraction of the
+  ``all-to-all`` time, on the ``all-to-all`` row).
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks.conftest import HAS_CUDA, OURS, measure, skip_missing
+from benchmarks.sp_exchange import (DTYPE, GLOO_TOKENS, HEAD_DIM, HEADS, IMPLS, KV_HEADS,
+                                    STOP, announce, counting_collectives, gloo_steps, step)
+from kernels.sp_layout import split_heads
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_LEN = 32768 if HAS_CUDA else 8192  # a whole row; each rank holds SEQ_LEN / sp tokens
+ITEMSIZE = torch.finfo(DTYPE).bits // 8
+
+
+def _xtuner():
+    try:
+        importlib.import_module("xtuner.parallel.sequence")
+        importlib.import_module("xtuner.model.modules.dispatch.internlm2")
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not installed"
+        skip_missing("xtuner", f"XTuner's sequence parallel does not import: {exc!r}")
+
+
+def _expected_bytes(impl: str, sp: int, tokens: int) -> dict:
+    per_head = tokens * HEAD_DIM * ITEMSIZE
+    if impl == OURS:
+        return split_heads(HEADS, KV_HEADS, sp).bytes_sent(tokens, HEAD_DIM, ITEMSIZE)
+    # XTuner repeats K and V to every query head before sending them.
+    return {name: per_head * HEADS for name in ("q", "k", "v", "out")}
+
+
+@pytest.mark.parametrize("impl", [OURS, "xtuner"])
+@pytest.mark.parametrize("sp", [2, 4, 8])
+def test_sp_layout_fwd_bwd(benchmark, sp, impl):
+    _xtuner()
+    tokens = SEQ_LEN // sp
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    expected = _expected_bytes(impl, sp, tokens)
+    with counting_collectives(sp) as sent:
+        run = step(impl, sp, 0, None, tokens, device, use_triton=HAS_CUDA)
+        run()
+        # Forward and backward send the same bytes.
+        assert sent["bytes"] == 2 * sum(expected.values()), (sent, expected)
+        # The bytes the problem needs, the same for every implementation: ours.
+        measure(benchmark, run, impl=impl,
+                case=dict(bench="sp_layout_fwd_bwd", model="internlm2-7b", sp=sp,
+                          seq_len=SEQ_LEN, dtype="bf16"),
+                bytes_moved=2 * sum(_expected_bytes(OURS, sp, tokens).values()),
+                rounds=None if HAS_CUDA else 10)
+    benchmark.extra_info.update({f"bytes_{k}": v for k, v in expected.items()})
+    if impl == OURS:
+        xtuner = _expected_bytes("xtuner", sp, tokens)
+        assert 4 * expected["k"] == xtuner["k"] and 4 * expected["v"] == xtuner["v"]
+
+
+@pytest.fixture(scope="module")
+def gloo_pair(tmp_path_factory):
+    """This process as rank 0 of a 2-rank gloo group; rank 1 mirrors every announced step."""
+    import torch.distributed as dist
+
+    _xtuner()
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    address = f"file://{tmp_path_factory.mktemp('gloo') / 'store'}"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    peer = subprocess.Popen([sys.executable, "-m", "benchmarks.sp_exchange", address],
+                            cwd=REPO, env=env)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two ranks on the same cores
+    dist.init_process_group("gloo", init_method=address, rank=0, world_size=2)
+    try:
+        yield gloo_steps(0), {}
+    finally:
+        announce(STOP)
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+        peer.wait(timeout=60)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sp_gloo_fwd_bwd(benchmark, gloo_pair, impl):
+    steps, medians = gloo_pair
+    index = IMPLS.index(impl)
+    run = steps[index]
+
+    def announced():
+        announce(index)
+        run()
+
+    expected = _expected_bytes(OURS if impl == "all-to-all" else impl, 2, GLOO_TOKENS)
+    measure(benchmark, announced, impl=impl,
+            case=dict(bench="sp_gloo_fwd_bwd", model="internlm2-7b", sp=2,
+                      seq_len=2 * GLOO_TOKENS, dtype="bf16", backend="gloo-cpu"),
+            bytes_moved=2 * sum(_expected_bytes(OURS, 2, GLOO_TOKENS).values()), rounds=10)
+    medians[impl] = benchmark.stats.stats.median
+    benchmark.extra_info.update({f"bytes_{k}": v for k, v in expected.items()})
+    if impl == "all-to-all" and OURS in medians:
+        benchmark.extra_info["layout_share_of_ours"] = (
+            (medians[OURS] - medians[impl]) / medians[impl])

@@ -1,0 +1,63 @@
+"""Pure-PyTorch sequence-parallel buffer layouts (see :mod:`kernels.sp_layout`).
+
+What the Triton transforms are tested against and what fallbacks run: built from the
+:class:`~kernels.sp_layout.HeadSplit` directly with slicing, indexing and ``cat``, not
+from the kernels' tables.  Any dtype (float64 included); differentiable.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from kernels.reference.rotary import split_qkv_rotary_reference
+
+
+def pack_heads_reference(split, q: torch.Tensor, k: Optional[torch.Tensor] = None,
+                         v: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`kernels.sp_layout.pack_heads`: chunk ``r`` = rank ``r``'s q heads (+ K, V slots)."""
+    tokens, _, head_dim = q.shape
+    kv = k is not None
+    sizes = split.chunk_numels(tokens, head_dim, kv)
+    buffer = q.new_empty(sum(sizes))
+    start = 0
+    for r, size in enumerate(sizes):
+        # Copies into slices of one buffer: differentiable, one pass over q.
+        chunk = buffer[start:start + size].view(tokens, -1, head_dim)
+        start += size
+        nq = split.num_q(r)
+        chunk[:, :nq] = q[:, split.q_bounds[r]:split.q_bounds[r + 1]]
+        if kv:
+            index = torch.tensor(split.kv_heads[r], dtype=torch.long, device=q.device)
+            nkv = len(index)
+            chunk[:, nq:nq + nkv] = k.index_select(1, index)
+            chunk[:, nq + nkv:] = v.index_select(1, index)
+    return buffer
+
+
+def unpack_heads_reference(split, buffer: torch.Tensor, tokens: int, head_dim: int,
+                           kv: bool = True) -> Tuple[torch.Tensor, ...]:
+    """:func:`kernels.sp_layout.unpack_heads`: repeated kv slots are summed."""
+    qs, ks, vs = [], [], []
+    chunks = buffer.split(split.chunk_numels(tokens, head_dim, kv))
+    for r, chunk in enumerate(chunks):
+        nq, nkv = split.num_q(r), split.num_kv(r) if kv else 0
+        q_r, k_r, v_r = chunk.view(tokens, -1, head_dim).split([nq, nkv, nkv], dim=1)
+        qs.append(q_r)
+        ks.append(k_r)
+        vs.append(v_r)
+    q = torch.cat(qs, dim=1)
+    if not kv:
+        return (q,)
+    index = torch.tensor([h for heads in split.kv_heads for h in heads], dtype=torch.long,
+                         device=buffer.device)
+    shape = (tokens, split.num_kv_heads, head_dim)
+    k = buffer.new_zeros(shape).index_add(1, index, torch.cat(ks, dim=1))
+    v = buffer.new_zeros(shape).index_add(1, index, torch.cat(vs, dim=1))
+    return q, k, v
+
+
+def pack_qkv_rotary_reference(split, qkv: torch.Tensor, head_dim: int, **rope) -> torch.Tensor:
+    """:func:`kernels.sp_layout.pack_qkv_rotary`'s buffer (differentiable: its backward is
+    :func:`~kernels.sp_layout.unpack_qkv_rotary`)."""
+    q, k, v = split_qkv_rotary_reference(qkv, split.num_kv_heads, head_dim, **rope)
+    return pack_heads_reference(split, *(x.reshape(-1, x.shape[-2], head_dim) for x in (q, k, v)))
