@@ -16,7 +16,11 @@ __version__ = "0.1.0.dev0"
 
 from kernels.rms_norm import rms_norm  # noqa: E402,F401
 from kernels.rotary import apply_rotary, rotary_inv_freq, split_qkv_rotary  # noqa: E402,F401
+from kernels.sp_layout import HeadSplit, pack_heads, split_heads, unpack_heads  # noqa: E402,F401
 from kernels.varlen_attention import attn_func, varlen_attn_func  # noqa: E402,F401
+from kernels.cross_entropy import fused_linear_cross_entropy  # noqa: E402,F401
+from kernels.swiglu import swiglu  # noqa: E402,F401
 
 __all__ = ["apply_rotary", "attn_func", "rms_norm", "rotary_inv_freq", "split_qkv_rotary",
-           "varlen_attn_func"]
+           "varlen_attn_func", "fused_linear_cross_entropy", "swiglu", "HeadSplit",
+           "pack_heads", "split_heads", "unpack_heads"]

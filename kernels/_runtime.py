@@ -63,6 +63,20 @@ def check_tensor(name: str, tensor, *, ndim: Optional[int] = None,
     check_device(name, tensor)
 
 
+def as_rows(name: str, tensor: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """``tensor`` as ``[rows, n_cols]`` with a single row stride, without copying.
+
+    Any contiguous tensor qualifies, and so does a column slice of one (e.g. one half
+    of a fused projection's output).
+    """
+    try:
+        return tensor.view(-1, n_cols)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} of shape {tuple(tensor.shape)} and strides {tuple(tensor.stride())} "
+            "cannot be addressed as rows with one row stride; pass .contiguous()") from None
+
+
 def check_cu_seqlens(name: str, cu_seqlens, total_tokens: Optional[int],
                      max_seqlen: Optional[int] = None,
                      max_seqlen_name: str = "max_seqlen") -> torch.Tensor:

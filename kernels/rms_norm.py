@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_tensor, multiprocessor_count
+from kernels._runtime import as_rows, check_tensor, multiprocessor_count
 from kernels.reference.norm import rms_norm_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -126,16 +126,6 @@ def _tile(n_cols: int) -> Tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def _rows(name: str, tensor: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """``tensor`` as ``[rows, n_cols]`` with a single row stride, without copying."""
-    try:
-        return tensor.view(-1, n_cols)
-    except RuntimeError:
-        raise ValueError(
-            f"{name} of shape {tuple(tensor.shape)} and strides {tuple(tensor.stride())} "
-            "cannot be addressed as rows with one row stride; pass .contiguous()") from None
-
-
 def _forward(x2: torch.Tensor, weight: torch.Tensor, r2: Optional[torch.Tensor], eps: float):
     n_rows, n_cols = x2.shape
     out_dtype = torch.promote_types(x2.dtype, weight.dtype)
@@ -196,8 +186,8 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual, eps, in_place_grad):
         n_cols = x.shape[-1]
-        x2 = _rows("x", x, n_cols)
-        r2 = _rows("residual", residual, n_cols) if residual is not None else None
+        x2 = as_rows("x", x, n_cols)
+        r2 = as_rows("residual", residual, n_cols) if residual is not None else None
         y, s, rstd = _forward(x2, weight, r2, eps)
         ctx.save_for_backward(s, weight, rstd)
         ctx.has_residual = residual is not None

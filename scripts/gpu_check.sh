@@ -65,7 +65,7 @@ run_step gpu-tests "${GPU_TEST_TIMEOUT:-150}" \
   "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$RESULTS/gpu-tests.xml"
 # One pytest run (and JSON file) per benchmark family, most important first, so that a
 # family cut by the time limit does not lose the others' results.
-for family in varlen_attention train_step rms_norm rotary; do
+for family in varlen_attention train_step rms_norm rotary cross_entropy swiglu sequence_parallel; do
   run_step "bench-$family" "${BENCH_TIMEOUT:-150}" \
     "$PY" -m pytest "benchmarks/test_bench_$family.py" --benchmark-only -q -p no:cacheprovider \
     --benchmark-json="$RESULTS/bench-$family.json"

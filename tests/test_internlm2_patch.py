@@ -85,14 +85,16 @@ def test_packed_forward_backward_matches_float64_reference(
     input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, model.config.vocab_size)
     varlen_args(cu, max(lengths))
 
+    logits = model(input_ids, position_ids=position_ids).logits
     out = model(input_ids, position_ids=position_ids, labels=labels)
+    assert out.logits is None  # training with labels: the fused loss, no logits
     out.loss.backward()
     ref_logits = _reference_per_sample(model64, input_ids, lengths)
     ref_loss = _shifted_loss(ref_logits, labels)
     ref_loss.backward()
 
     # A whole model in fp32 against float64: the per-op tolerance, 20x for depth.
-    assert_rel_close(out.logits, ref_logits, torch.float32, factor=20, name="logits")
+    assert_rel_close(logits, ref_logits, torch.float32, factor=20, name="logits")
     assert abs(out.loss.item() - ref_loss.item()) < 1e-4
     grads = dict(model64.named_parameters())
     for name, param in model.named_parameters():
@@ -103,15 +105,93 @@ def test_switches_off_match_too(tiny_checkpoint, gen, varlen_args):
     lengths = [30, 34]
     full = _dispatch(_load(tiny_checkpoint))
     partial = _dispatch(_load(tiny_checkpoint), rope=False, rms_norm=False,
-                        fused_residual=False)
+                        fused_residual=False, swiglu=False, cross_entropy=False)
     input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, full.config.vocab_size)
     varlen_args(cu, max(lengths))
     a = full(input_ids, position_ids=position_ids).logits
     b = partial(input_ids, position_ids=position_ids).logits
     assert_rel_close(a, b, torch.float32, factor=20)
+    fused, stock = (m(input_ids, position_ids=position_ids, labels=labels) for m in (full, partial))
+    assert fused.logits is None and stock.logits is not None
+    assert abs(fused.loss.item() - stock.loss.item()) < 1e-4
+    fused.loss.backward()
+    stock.loss.backward()
+    grads = dict(partial.named_parameters())
+    for name, param in full.named_parameters():
+        assert_rel_close(param.grad, grads[name].grad, torch.float32, factor=50, name=name)
     for module in partial.modules():
-        if type(module).__name__ in ("InternLM2RMSNorm", "InternLM2DecoderLayer"):
+        if type(module).__name__ in ("InternLM2RMSNorm", "InternLM2DecoderLayer",
+                                     "InternLM2MLP", "InternLM2ForCausalLM", "Linear"):
             assert "forward" not in module.__dict__  # switched off: the class's forward
+
+
+def test_fused_loss_only_when_training_with_labels(tiny_checkpoint, gen):
+    """Eval mode or no labels: logits as usual; training with labels: loss, logits=None."""
+    model = _dispatch(_load(tiny_checkpoint), use_varlen_attn=False)
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(3, vocab, (2, 20), generator=gen, device=DEVICE)
+    labels = input_ids.clone()
+    labels[:, :5] = -100
+    model.eval()
+    with torch.no_grad():
+        evaluated = model(input_ids, labels=labels)
+    assert evaluated.logits.shape == (2, 20, vocab)
+    ref = torch.nn.functional.cross_entropy(evaluated.logits[:, :-1].flatten(0, 1),
+                                            labels[:, 1:].flatten())
+    assert abs(evaluated.loss.item() - ref.item()) < 1e-5
+    model.train()
+    trained = model(input_ids, labels=labels)
+    assert trained.logits is None
+    assert abs(trained.loss.item() - ref.item()) < 1e-5
+    loss, logits = model(input_ids, labels=labels, return_dict=False)[:2]
+    assert logits is None and abs(loss.item() - ref.item()) < 1e-5
+    assert model(input_ids).logits.shape == (2, 20, vocab)
+    # Every target ignored: 0 with zero gradients where Hugging Face gives NaN.
+    empty = model(input_ids, labels=torch.full_like(labels, -100)).loss
+    assert empty.item() == 0.0
+    empty.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cross_entropy", [True, False], ids=["fused", "switch-off"])
+def test_labels_shifted_are_not_shifted_again(tiny_checkpoint, gen, cross_entropy):
+    from xtuner_patch.internlm2 import set_labels_shifted
+
+    model = _dispatch(_load(tiny_checkpoint), use_varlen_attn=False,
+                      cross_entropy=cross_entropy)
+    set_labels_shifted(model)
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(3, vocab, (1, 24), generator=gen, device=DEVICE)
+    labels = torch.cat([input_ids[:, 1:], input_ids.new_full((1, 1), -100)], 1)
+    labels[0, :4] = -100
+    logits = model(input_ids).logits
+    ref = torch.nn.functional.cross_entropy(logits[0], labels[0])
+    assert abs(model(input_ids, labels=labels).loss.item() - ref.item()) < 1e-5
+    model.eval()
+    evaluated = model(input_ids, labels=labels)
+    assert abs(evaluated.loss.item() - ref.item()) < 1e-5
+    assert_rel_close(evaluated.logits, logits, torch.float32, factor=20)
+    set_labels_shifted(model, False)  # Hugging Face's shift again
+    shifted = torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:])
+    assert abs(model(input_ids, labels=input_ids).loss.item() - shifted.item()) < 1e-5
+
+
+def test_models_computing_loss_from_logits_keep_the_logits(tiny_checkpoint):
+    """DPO / ORPO-like XTuner models (compute_loss overridden) get no fused loss."""
+    from xtuner.model.sft import SupervisedFinetune
+
+    class LossOnly(SupervisedFinetune):
+        def build(self, model):
+            return _dispatch(model)
+
+    class ReadsLogits(LossOnly):
+        def compute_loss(self, data, data_samples=None):
+            return {"loss": self.llm(**data).logits.mean()}
+
+    for owner, fused in ((LossOnly, True), (ReadsLogits, False)):
+        model = owner.__new__(owner).build(_load(tiny_checkpoint))
+        assert ("forward" in model.__dict__) is fused
+        assert "forward" in model.model.layers[0].feed_forward.__dict__
 
 
 def test_unpacked_batch_with_padding_matches_stock(tiny_checkpoint, gen):
@@ -146,6 +226,8 @@ def test_dispatch_replaces_every_internlm2_module(tiny_checkpoint):
     assert patched.count("InternLM2Attention") == layers
     assert patched.count("InternLM2DecoderLayer") == layers
     assert patched.count("InternLM2RMSNorm") == 2 * layers + 1
+    assert patched.count("InternLM2MLP") == layers
+    assert patched.count("InternLM2ForCausalLM") == patched.count("Linear") == 1  # + head
 
 
 def test_unsupported_head_dim_keeps_xtuner_forward(tiny_checkpoint, caplog):
@@ -168,8 +250,14 @@ def test_packed_bf16_on_gpu_matches_float64(tiny_checkpoint, gen, varlen_args):
     varlen_args(cu, max(lengths))
     ours = model(input_ids, position_ids=position_ids).logits
     ref = _reference_per_sample(model64, input_ids, lengths)
-    stock_err = rel_error(_reference_per_sample(stock, input_ids, lengths), ref)
+    stock_logits = _reference_per_sample(stock, input_ids, lengths)
+    stock_err = rel_error(stock_logits, ref)
     err = rel_error(ours, ref)
     # No worse than XTuner's stock bf16 model run sample by sample.
     assert err <= max(1.5 * stock_err, REL_TOL[torch.bfloat16]), (err, stock_err)
+    ref_loss = _shifted_loss(ref, labels).item()
+    loss_err = abs(model(input_ids, position_ids=position_ids, labels=labels).loss.item()
+                   - ref_loss)
+    stock_loss_err = abs(_shifted_loss(stock_logits, labels).item() - ref_loss)
+    assert loss_err <= max(1.5 * stock_loss_err, 1e-2 * ref_loss), (loss_err, stock_loss_err)
     assert HAS_CUDA

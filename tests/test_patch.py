@@ -58,8 +58,10 @@ def test_patch_twice_is_a_no_op(stock):
 def test_switches_from_arguments_and_environment(monkeypatch):
     monkeypatch.setenv("XTUNER_PATCH_RMS_NORM", "0")
     monkeypatch.setenv("XTUNER_PATCH_ROPE", "off")
+    monkeypatch.setenv("XTUNER_PATCH_CROSS_ENTROPY", "0")
     switches = KernelSwitches.resolve()
     assert (switches.attention, switches.rope, switches.rms_norm) == (True, False, False)
+    assert (switches.swiglu, switches.cross_entropy) == (True, False)
     assert KernelSwitches.resolve(rms_norm=True).rms_norm is True  # argument wins
     with pytest.raises(TypeError, match="unknown kernel switches"):
         KernelSwitches.resolve(flash=True)
@@ -76,7 +78,8 @@ def test_one_log_line_per_process():
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines()
              if "dispatch_modules patched" in ln]
     assert len(lines) == 1, lines
-    assert "kernels.varlen_attn_func" in lines[0] and "kernels.rms_norm" in lines[0]
+    for name in ("varlen_attn_func", "rms_norm", "swiglu", "fused_linear_cross_entropy"):
+        assert f"kernels.{name}" in lines[0], lines[0]
 
 
 def test_xtuner_patch_0_leaves_xtuner_alone():
@@ -127,11 +130,15 @@ def test_check_cfg_lifts_only_the_flash_attn_requirement(stock):
     assert config.model.llm.attn_implementation == "eager"  # config left as it was
     with pytest.raises(NotImplementedError, match="batch size"):
         train.check_cfg(cfg(train_dataloader=dict(batch_size=2, dataset=dict())), args)
-    # Sequence parallel keeps XTuner's own requirements.
-    with pytest.raises(AssertionError, match="DeepSpeed" if xtuner_dispatch.SUPPORT_FLASH2
-                       else "flash_attn"):
+    # Sequence parallel runs on our kernels too: only XTuner's DeepSpeed requirement stays.
+    with pytest.raises(AssertionError, match="DeepSpeed"):
         train.check_cfg(cfg(sequence_parallel_size=2), args)
+    train.check_cfg(cfg(sequence_parallel_size=2, use_varlen_attn=False),
+                    types.SimpleNamespace(deepspeed="deepspeed_zero2"))
     xtuner_patch.unpatch()
     if not xtuner_dispatch.SUPPORT_FLASH2:
         with pytest.raises(AssertionError, match="flash_attn"):
             train.check_cfg(cfg(), args)
+        with pytest.raises(AssertionError, match="flash_attn"):
+            train.check_cfg(cfg(sequence_parallel_size=2, use_varlen_attn=False),
+                            types.SimpleNamespace(deepspeed="deepspeed_zero2"))

@@ -14,14 +14,36 @@ With a KV cache (generation, or ``use_cache=True`` in a training forward) the fi
 pass fills the cache from our rotated K/V; later decoding steps and
 ``output_attentions=True`` run the class's own forward: they are not training hot
 loops.
+
+The MLP gates with one fused ``silu(w1 x) * w3 x`` kernel.
+
+The causal LM's loss: a forward **with labels in training mode** (``model.train()``, as
+XTuner's ``SupervisedFinetune.compute_loss`` calls it) runs the decoder, then the LM head
+fused with the cross-entropy (:func:`kernels.fused_linear_cross_entropy`, Hugging Face's
+shift and mean over non-ignored targets; 0 instead of NaN when none is left) and returns
+``CausalLMOutputWithPast(loss=..., logits=None)``: the logits are never materialised.
+Every other call (no labels, eval mode: ``generate``, evaluation, ``predict``) runs the
+class's own forward and returns logits.  XTuner models that compute their loss from the
+logits of a training forward (DPO, ORPO: any ``SupervisedFinetune`` subclass overriding
+``compute_loss``) keep the class's forward.  The head goes through its module call (so
+DeepSpeed ZeRO-3 gathers its weight); a head replaced after dispatch (e.g. LoRA on
+``output``) turns the fused loss off.  Under XTuner's sequence parallel each rank's loss
+is the mean over its own tokens, as with Hugging Face's forward, which XTuner's
+``reduce_sequence_parallel_loss`` token-weights.
+
+Data whose labels are already shifted (``build_packed_dataset(label_alignment=
+'internevo')``) need a loss that does not shift again: :func:`set_labels_shifted` (or
+``xtuner_patch.model.SupervisedFinetune(labels_shifted=True)``) makes the model compare
+position ``i`` with ``labels[i]``, with or without the fused loss.
 """
 
 import logging
 import types
 
 import torch
+import torch.nn.functional as F
 
-from . import ops
+from . import ops, sequence_parallel
 from .patch import KernelSwitches
 
 logger = logging.getLogger("xtuner_patch")
@@ -109,6 +131,12 @@ def attention_forward(self, hidden_states, attention_mask=None, position_ids=Non
         return type(self).forward(self, hidden_states, attention_mask, position_ids,
                                   past_key_value, output_attentions, use_cache,
                                   cache_position, **kwargs)
+    sp_group = sequence_parallel.group_for(self)
+    if sp_group is not None:
+        # XTuner's sequence parallel: this rank holds a slice of every row.
+        out = sequence_parallel.attention_forward(self, hidden_states, sp_group,
+                                                  attention_mask, position_ids)
+        return out, None, past_key_value
     bsz, q_len, _ = hidden_states.shape
     device = hidden_states.device
     if position_ids is None:
@@ -178,7 +206,106 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
     return outputs
 
 
+def mlp_forward(self, x):
+    return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
+
+
+def lm_head_forward(self, hidden_states, labels=None, shift_labels=True):
+    """The LM head ``nn.Linear``; given ``labels``, the mean cross-entropy instead of logits.
+
+    Computing the loss inside the head's own call lets module hooks (DeepSpeed ZeRO-3's
+    parameter gathering) see it as the head's forward.
+    """
+    if labels is None:
+        return F.linear(hidden_states, self.weight, self.bias)
+    return ops.linear_cross_entropy(hidden_states, self.weight,
+                                    labels.to(hidden_states.device), shift_labels=shift_labels)
+
+
+def _head_is_ours(head) -> bool:
+    return getattr(head.forward, "__func__", None) is lm_head_forward
+
+
+def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None,
+                      past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                      output_attentions=None, output_hidden_states=None, return_dict=None,
+                      cache_position=None, **kwargs):
+    """InternLM2ForCausalLM.forward: in training with labels, the fused loss and no logits."""
+    shifted = getattr(self, "xtuner_patch_labels_shifted", False)
+    fused = (labels is not None and self.training and self.xtuner_patch_fused_loss
+             and _head_is_ours(self.output))
+    if not fused and not (labels is not None and shifted):
+        return type(self).forward(
+            self, input_ids=input_ids, attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=return_dict, cache_position=cache_position, **kwargs)
+
+    outputs = self.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+        output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        return_dict=True, cache_position=cache_position, **kwargs)
+    hidden_states = outputs[0]
+    if fused:
+        logits = None
+        loss = self.output(hidden_states, labels=labels, shift_labels=not shifted)
+    else:
+        # Labels already aligned with the positions that predict them: no shift.
+        logits = self.output(hidden_states).float()
+        loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten().to(logits.device))
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if return_dict if return_dict is not None else self.config.use_return_dict:
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions)
+    # Hugging Face's tuple: loss, logits, then the decoder's outputs that are set.
+    return (loss, logits) + tuple(v for v in (outputs.past_key_values, outputs.hidden_states,
+                                              outputs.attentions) if v is not None)
+
+
+def set_labels_shifted(model, shifted: bool = True) -> None:
+    """Make the InternLM2 causal LM in ``model`` compare position ``i`` with ``labels[i]``.
+
+    For data whose labels are already shifted per sample
+    (``build_packed_dataset(label_alignment='internevo')``, ``dataset.labels_shifted``):
+    the loss must not shift them again.  Works with or without the fused loss (without
+    it the loss is taken from the logits); ``shifted=False`` restores Hugging Face's shift.
+    """
+    found = False
+    for module in model.modules():
+        if type(module).__name__ != "InternLM2ForCausalLM":
+            continue
+        found = True
+        module.xtuner_patch_labels_shifted = bool(shifted)
+        if getattr(module.forward, "__func__", None) is not causal_lm_forward:
+            module.xtuner_patch_fused_loss = False
+            module.forward = types.MethodType(causal_lm_forward, module)
+    if not found:
+        raise ValueError(f"{type(model).__name__} holds no InternLM2ForCausalLM")
+
+
 # ------------------------------------------------------------------------ dispatch
+def check_stock_attention_possible(what: str) -> None:
+    """XTuner's attention splits a sequence-parallel row only through flash-attn.
+
+    Without flash-attn, its forward would attend within each rank's shard: silently
+    wrong, so refuse instead.
+    """
+    if sequence_parallel.world_size() <= 1:
+        return
+    from xtuner.model.modules.dispatch import SUPPORT_FLASH2
+
+    if not SUPPORT_FLASH2:
+        raise RuntimeError(
+            f"sequence parallel: {what} is left to XTuner's attention, which needs flash-attn "
+            "for sequence parallel, and flash-attn is not installed (or CUDA is unavailable)")
+
+
 def unsupported_reason(attention) -> str:
     """Why our attention cannot run this module ('' when it can)."""
     from kernels.varlen_attention import SUPPORTED_HEAD_DIMS
@@ -190,14 +317,20 @@ def unsupported_reason(attention) -> str:
     return ""
 
 
-def dispatch_internlm2(model, switches: KernelSwitches, use_varlen_attn: bool) -> None:
-    """Give the InternLM2 modules of ``model`` our forwards, as ``switches`` say."""
+def dispatch_internlm2(model, switches: KernelSwitches, use_varlen_attn: bool,
+                       loss_from_logits: bool = False) -> None:
+    """Give the InternLM2 modules of ``model`` our forwards, as ``switches`` say.
+
+    ``loss_from_logits``: the caller computes its loss from the logits of training
+    forwards, so the causal LM keeps the class's forward (no fused loss).
+    """
     counts = {}
     for module in model.modules():
         name = type(module).__name__
         if name in ATTENTION_CLASSES and switches.attention:
             reason = unsupported_reason(module)
             if reason:
+                check_stock_attention_possible(name)
                 logger.warning("xtuner-patch: %s keeps XTuner's forward: %s", name, reason)
                 continue
             module.xtuner_patch_varlen = use_varlen_attn
@@ -207,6 +340,25 @@ def dispatch_internlm2(model, switches: KernelSwitches, use_varlen_attn: bool) -
             module.forward = types.MethodType(rms_norm_forward, module)
         elif name == "InternLM2DecoderLayer" and switches.fused_residual:
             module.forward = types.MethodType(decoder_layer_forward, module)
+        elif name == "InternLM2MLP" and switches.swiglu:
+            if type(module.act_fn).__name__ not in ("SiLU", "SiLUActivation"):
+                logger.warning("xtuner-patch: InternLM2MLP keeps XTuner's forward: activation "
+                               "%s is not SiLU", type(module.act_fn).__name__)
+                continue
+            module.forward = types.MethodType(mlp_forward, module)
+        elif name == "InternLM2ForCausalLM" and switches.cross_entropy:
+            head = module.output
+            if loss_from_logits:
+                logger.info("xtuner-patch: InternLM2ForCausalLM keeps its loss: the model "
+                            "computes its loss from the logits")
+                continue
+            if type(head) is not torch.nn.Linear or head.bias is not None:
+                logger.warning("xtuner-patch: InternLM2ForCausalLM keeps its loss: the head "
+                               "(%s) is not a bias-free nn.Linear", type(head).__name__)
+                continue
+            head.forward = types.MethodType(lm_head_forward, head)
+            module.xtuner_patch_fused_loss = True
+            module.forward = types.MethodType(causal_lm_forward, module)
         else:
             continue
         counts[name] = counts.get(name, 0) + 1

@@ -23,9 +23,18 @@ class SupervisedFinetune(_XTunerSupervisedFinetune):
     """XTuner's ``SupervisedFinetune``, with :func:`xtuner_patch.patch` applied first.
 
     ``XTUNER_PATCH=0`` in the environment keeps XTuner's stock path.
+
+    ``labels_shifted=True`` is for data built with ``build_packed_dataset(
+    label_alignment='internevo')`` (whose ``labels_shifted`` attribute is then True): the
+    loss compares position ``i`` with ``labels[i]`` instead of shifting the labels again
+    (:func:`xtuner_patch.internlm2.set_labels_shifted`; needed with ``XTUNER_PATCH=0`` too).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, labels_shifted: bool = False, **kwargs):
         if not disabled():
             patch()
         super().__init__(*args, **kwargs)
+        if labels_shifted:
+            from .internlm2 import set_labels_shifted
+
+            set_labels_shifted(self.llm)

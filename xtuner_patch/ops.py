@@ -50,3 +50,20 @@ def split_qkv_rotary(qkv, num_kv_heads, head_dim, *, fused: bool, **rope):
     if fused and use_triton(qkv):
         return kernels.split_qkv_rotary(qkv, num_kv_heads, head_dim, **rope)
     return reference.split_qkv_rotary_reference(qkv, num_kv_heads, head_dim, **rope)
+
+
+def swiglu(a, b):
+    """``silu(a) * b``, the gate of InternLM2's MLP."""
+    if use_triton(a):
+        return kernels.swiglu(a, b)
+    return reference.swiglu_reference(a, b)
+
+
+def linear_cross_entropy(hidden, weight, labels, *, shift_labels: bool, ignore_index=-100):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (0 when all are ignored);
+    the fused kernel never materialises the logits, the reference does."""
+    if use_triton(hidden):
+        return kernels.fused_linear_cross_entropy(hidden, weight, labels, ignore_index,
+                                                  shift_labels=shift_labels)
+    return reference.linear_cross_entropy_reference(hidden, weight, labels, ignore_index,
+                                                    shift_labels=shift_labels)

@@ -34,6 +34,8 @@ class KernelSwitches:
     rope: bool = True  # rotary embedding of q and k (fused with the wqkv split)
     rms_norm: bool = True  # InternLM2RMSNorm
     fused_residual: bool = True  # decoder layer: residual add + ffn_norm in one kernel
+    swiglu: bool = True  # InternLM2MLP: silu(w1 x) * w3 x in one kernel
+    cross_entropy: bool = True  # training loss: LM head + cross-entropy, logits never built
 
     @classmethod
     def resolve(cls, **explicit) -> "KernelSwitches":
@@ -93,14 +95,16 @@ def _train_check_cfg_functions():
 
 
 def patch(*, attention: Optional[bool] = None, rope: Optional[bool] = None,
-          rms_norm: Optional[bool] = None, fused_residual: Optional[bool] = None) -> KernelSwitches:
+          rms_norm: Optional[bool] = None, fused_residual: Optional[bool] = None,
+          swiglu: Optional[bool] = None, cross_entropy: Optional[bool] = None) -> KernelSwitches:
     """Make XTuner's dispatch give InternLM2 models xtuner-patch's kernels.
 
     Idempotent: patching again with the same switches changes nothing; with other
     switches it re-patches.  Returns the active switches.
     """
     switches = KernelSwitches.resolve(attention=attention, rope=rope, rms_norm=rms_norm,
-                                      fused_residual=fused_residual)
+                                      fused_residual=fused_residual, swiglu=swiglu,
+                                      cross_entropy=cross_entropy)
     with _State.lock:
         if _State.switches == switches:
             _refresh_late_bindings()

@@ -1,0 +1,259 @@
+"""Cross-entropy of a linear layer's output (the LM head) without materialising the logits.
+
+For hidden states ``h`` ``[N, H]``, the head's weight ``W`` ``[V, H]`` and int64 targets
+``t`` ``[N]``::
+
+    loss_i = logsumexp_j (h_i . W_j) - h_i . W_{t_i}        (rows with t_i != ignore_index)
+    loss   = sum_i loss_i / n_valid   ('mean')   or   sum_i loss_i   ('sum')
+
+Tokens are processed in chunks of ``chunk_size`` rows.  Per chunk, in the forward pass:
+
+1. ``logits = h_c @ W.T`` by ``torch.mm`` into one ``[chunk, V]`` buffer reused by every
+   chunk: fp32 accumulation, rounded to the input dtype - the very logits Hugging Face's
+   InternLM2 computes before its ``.float()``;
+2. a Triton kernel, one program per row: log-sum-exp in fp32 (running max and sum over
+   blocks of the vocabulary), the row's loss, and then, overwriting the logits, the
+   gradient of the loss with respect to them, ``(softmax - onehot(t)) * scale`` (``scale``
+   is ``1 / n_valid`` for 'mean'), rounded to the input dtype as Hugging Face's
+   ``.float()`` backward rounds it; ignored rows get a zero gradient and are not read;
+3. ``grad_h_c = dlogits @ W`` and ``grad_W += dlogits.T @ h_c``.
+
+So both gradients are finished when the forward pass returns; backward only multiplies
+them (in place) by the incoming gradient, and can therefore run once per forward.
+
+Memory beyond the inputs: the chunk buffer (``chunk_size x V`` in the input dtype), the
+gradient of the hidden states (``N x H``), and for the weight gradient, when there is
+more than one chunk, an fp32 accumulator ``V x H`` (a half-precision chunk's product is
+added to it in slices of :data:`GRAD_WEIGHT_SLICE` vocabulary rows, so no second ``V x H``
+temporary exists; fp32 products go in with ``addmm_``), rounded to the weight's dtype after
+the last chunk (at InternLM2-7B's head: 1.5 GB, then 0.76 GB).  With a single chunk the
+product is written directly (cuBLAS accumulates in fp32 and rounds once).  Chunks are
+of at most :data:`CHUNK_TOKENS` tokens by default (:func:`default_chunk_size`).
+Nothing is saved for the backward pass but the two gradients.
+
+Targets are checked on the host (one synchronisation per call): a target outside
+``[0, V)`` that is not ``ignore_index`` raises ``ValueError`` instead of a device assert.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from kernels._runtime import check_tensor
+from kernels.reference.cross_entropy import REDUCTIONS, shift_targets
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Default tokens per chunk.  Every chunk after the first reads and writes the fp32
+# weight-gradient accumulator (about 12 * V * H bytes with the half-precision temporary),
+# about 430 / chunk_tokens of the chunk's matrix-product time on an H100 (3 TB/s, ~650
+# TFLOP/s) whatever V and H: ~10% at 4096.  The logits buffer is then 4096 * V elements
+# (0.76 GB at V = 92544 in bf16, the size of InternLM2-7B's head).
+CHUNK_TOKENS = 4096
+
+# Vocabulary rows per weight-gradient product added to the fp32 accumulator: the
+# temporary in the input dtype is GRAD_WEIGHT_SLICE x H (64 MiB at H = 4096 in bf16).
+GRAD_WEIGHT_SLICE = 8192
+
+# Vocabulary columns per iteration of the row kernel (at most), and its warps.
+_BLOCK_V = 4096
+_NUM_WARPS = 8
+
+
+@triton.jit
+def _cross_entropy_rows_kernel(
+    LOGITS, TARGETS, LOSSES,
+    n_cols, stride_row, scale, ignore_index,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    logits = LOGITS + row * stride_row
+    target = tl.load(TARGETS + row)
+    valid = target != ignore_index
+    cols = tl.arange(0, BLOCK_V)
+
+    # Ignored rows skip the read: their loop runs zero times.
+    n_read = tl.where(valid, n_cols, 0)
+    row_max = float("-inf")
+    sum_exp = 0.0
+    for start in range(0, n_read, BLOCK_V):
+        offs = start + cols
+        x = tl.load(logits + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(row_max, tl.max(x, axis=0))
+        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        row_max = new_max
+    lse = tl.where(valid, row_max + tl.log(tl.where(valid, sum_exp, 1.0)), 0.0)
+    target_logit = tl.load(logits + target, mask=valid, other=0.0).to(tl.float32)
+    tl.store(LOSSES + row, tl.where(valid, lse - target_logit, 0.0))
+
+    if COMPUTE_GRAD:
+        # Every element of the row is read before it is overwritten by its gradient.
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + cols
+            mask = offs < n_cols
+            x = tl.load(logits + offs, mask=mask & valid, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)
+            grad = tl.where(valid, grad * scale, 0.0)
+            tl.store(logits + offs, grad.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def default_chunk_size(n_tokens: int) -> int:
+    """Rows per chunk: :data:`CHUNK_TOKENS` at most, balanced so that chunks are of nearly
+    equal size (8192 tokens: 2 x 4096; 5000 tokens: 2 x 2500)."""
+    return max(1, triton.cdiv(n_tokens, max(1, triton.cdiv(n_tokens, CHUNK_TOKENS))))
+
+
+def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> int:
+    """Count the targets that are not ``ignore_index``; raise on targets outside the vocabulary."""
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    n_valid, n_bad = torch.stack([valid.sum(), bad.sum()]).tolist()
+    if n_bad:
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels must be in [0, {vocab}) (the weight's vocabulary) or ignore_index="
+            f"{ignore_index}; {n_bad} are not, the first is {int(targets[first])} "
+            f"(flattened target {first})")
+    return n_valid
+
+
+def _forward(h2, weight, targets, ignore_index, scale, chunk_size, need_dh, need_dw):
+    n_rows, vocab = h2.shape[0], weight.shape[0]
+    device = h2.device
+    losses = torch.empty(n_rows, dtype=torch.float32, device=device)
+    dh = torch.empty_like(h2, memory_format=torch.contiguous_format) if need_dh else None
+    single = n_rows <= chunk_size
+    dw = None
+    if need_dw:
+        dw = (torch.empty_like(weight, memory_format=torch.contiguous_format) if single
+              else torch.zeros(weight.shape, dtype=torch.float32, device=device))
+    if n_rows == 0:
+        return losses, dh, (dw.zero_() if dw is not None else None)
+
+    buffer = torch.empty((min(chunk_size, n_rows), vocab), dtype=h2.dtype, device=device)
+    block_v = min(_BLOCK_V, triton.next_power_of_2(vocab))
+    for start in range(0, n_rows, chunk_size):
+        stop = min(start + chunk_size, n_rows)
+        hc = h2[start:stop]
+        logits = buffer[:stop - start]
+        torch.mm(hc, weight.t(), out=logits)
+        _cross_entropy_rows_kernel[(stop - start,)](
+            logits, targets[start:stop], losses[start:stop],
+            vocab, logits.stride(0), scale, ignore_index,
+            COMPUTE_GRAD=need_dh or need_dw, BLOCK_V=block_v, num_warps=_NUM_WARPS)
+        if need_dh:
+            torch.mm(logits, weight, out=dh[start:stop])
+        if need_dw and single:
+            torch.mm(logits.t(), hc, out=dw)
+        elif need_dw and dw.dtype == hc.dtype:
+            dw.addmm_(logits.t(), hc)
+        elif need_dw:
+            for v in range(0, vocab, GRAD_WEIGHT_SLICE):
+                rows = slice(v, min(v + GRAD_WEIGHT_SLICE, vocab))
+                dw[rows].add_(torch.mm(logits[:, rows].t(), hc))
+    # Freed before the accumulator's copy in the weight's dtype is made, which can reuse it.
+    del buffer, logits
+    if dw is not None and dw.dtype != weight.dtype:
+        dw = dw.to(weight.dtype)
+    return losses, dh, dw
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size,
+                need_dh, need_dw):
+        h2 = hidden.reshape(-1, hidden.shape[-1])
+        n_valid = _check_targets(targets, weight.shape[0], ignore_index)
+        # With no target left the loss is 0 with zero gradients (not 0/0).
+        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+        losses, dh, dw = _forward(h2, weight, targets, ignore_index, scale, chunk_size,
+                                  need_dh, need_dw)
+        ctx.hidden_shape = hidden.shape
+        ctx.grads = (dh, dw)
+        return losses.sum() * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_cross_entropy: backward can run only once per forward (its "
+                "gradients are computed in the forward pass and scaled in place)")
+        dh, dw = ctx.grads
+        ctx.grads = None
+        if dh is not None:
+            dh = dh.mul_(grad_loss).view(ctx.hidden_shape)
+        if dw is not None:
+            dw.mul_(grad_loss)
+        return dh, dw, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               ignore_index: int = -100, reduction: str = "mean",
+                               shift_labels: bool = False,
+                               chunk_size: Optional[int] = None) -> torch.Tensor:
+    """``CrossEntropyLoss(hidden @ weight.T, labels)`` without the full logits, differentiable.
+
+    Args:
+        hidden: ``[..., H]`` (``[tokens, H]`` or ``[batch, seq, H]``), fp16 / bf16 / fp32,
+            any strides.
+        weight: ``[V, H]``, the LM head's weight, same dtype and device as ``hidden``.
+        labels: int64 of ``hidden.shape[:-1]``: target ids in ``[0, V)`` or ``ignore_index``.
+        ignore_index: targets with this value contribute neither loss nor gradient.
+        reduction: ``'mean'`` over the targets that are not ignored (as
+            ``torch.nn.CrossEntropyLoss`` and Hugging Face), or ``'sum'``.
+        shift_labels: Hugging Face's causal-LM shift: position ``t`` predicts
+            ``labels[..., t + 1]`` along the last dimension of ``labels`` (so per row of a
+            ``[batch, seq]`` batch) and the last position of each row predicts nothing;
+            only the int64 labels are shifted, never the logits.
+        chunk_size: tokens per chunk (default :func:`default_chunk_size`).
+
+    Returns:
+        The loss, an fp32 scalar.  When every target is ignored it is 0 and the gradients
+        are zero (Hugging Face's mean is NaN there).
+
+    Gradients are computed in the forward pass, only for the inputs that require them
+    (and none under ``torch.no_grad()``); the backward pass may run once.  Under
+    ``torch.autocast``, ``hidden`` and ``weight`` are first cast to the autocast dtype,
+    as the head's ``F.linear`` would be.
+    """
+    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [..., hidden_size] with at least 2 dimensions, "
+                         f"got shape {tuple(hidden.shape)}")
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("labels", labels, dtypes=(torch.int64,))
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [vocab, {hidden.shape[-1]}] to match hidden's last "
+                         f"dimension, got {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden's "
+                         f"without the last dimension), got {tuple(labels.shape)}")
+    for name, tensor in (("weight", weight), ("labels", labels)):
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    check_tensor("weight", weight, dtypes=(hidden.dtype,))
+
+    targets = shift_targets(labels, ignore_index) if shift_labels else labels
+    targets = targets.reshape(-1).contiguous()
+    n_tokens = targets.numel()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n_tokens)
+    grad = torch.is_grad_enabled()
+    with torch.autocast(device_type, enabled=False):
+        return _FusedLinearCrossEntropy.apply(
+            hidden, weight, targets, int(ignore_index), reduction, chunk_size,
+            grad and hidden.requires_grad, grad and weight.requires_grad)

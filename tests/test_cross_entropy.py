@@ -1,0 +1,185 @@
+"""kernels.fused_linear_cross_entropy against Hugging Face's loss in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import fused_linear_cross_entropy
+from kernels.reference import linear_cross_entropy_reference
+from tests.helpers import DEVICE, DTYPES, HAS_CUDA, REL_TOL, assert_rel_close, randn, rel_error
+
+IGNORE = -100
+
+
+def _hf_loss(hidden, weight, labels, shift, reduction="mean"):
+    """InternLM2ForCausalLM's loss, written as Hugging Face writes it (float64 inputs)."""
+    logits = hidden @ weight.t()
+    if shift:
+        logits, labels = logits[..., :-1, :].contiguous(), labels[..., 1:].contiguous()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction=reduction)
+
+
+def _inputs(shape, hidden_size, vocab, dtype, gen, ignored=0.3):
+    hidden = randn(shape + (hidden_size,), dtype, generator=gen).requires_grad_()
+    # Logits of a few units, as in a trained model; a spread that exercises the softmax.
+    weight = randn((vocab, hidden_size), dtype, generator=gen,
+                   scale=2.0 / hidden_size ** 0.5).requires_grad_()
+    labels = torch.randint(0, vocab, shape, generator=gen, device=DEVICE)
+    labels[torch.rand(shape, generator=gen, device=DEVICE) < ignored] = IGNORE
+    return hidden, weight, labels
+
+
+def _float64_grads(hidden, weight, labels, shift, reduction="mean"):
+    h64 = hidden.detach().double().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    loss = _hf_loss(h64, w64, labels, shift, reduction)
+    loss.backward()
+    return loss, h64.grad, w64.grad
+
+
+CASES = {
+    # name: (leading shape, hidden, vocab, chunk_size, shift_labels)
+    "tokens-one-chunk": ((64,), 48, 1000, None, False),
+    "vocab-5003-blocks": ((37,), 64, 5003, None, False),
+    "chunks-of-5-split-samples": ((2, 19), 32, 777, 5, True),
+    "chunk-1-shift": ((23,), 32, 300, 1, True),
+    "batched-default-chunk": ((3, 40), 16, 500, None, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_hf_float64(gen, dtype, case):
+    shape, hidden_size, vocab, chunk, shift = CASES[case]
+    hidden, weight, labels = _inputs(shape, hidden_size, vocab, dtype, gen)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, shift_labels=shift,
+                                      chunk_size=chunk)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    loss.backward()
+    ref_loss, ref_dh, ref_dw = _float64_grads(hidden, weight, labels, shift)
+    assert_rel_close(loss, ref_loss, dtype, name="loss")
+    assert_rel_close(hidden.grad, ref_dh, name="grad hidden")
+    assert_rel_close(weight.grad, ref_dw, name="grad weight")
+    assert hidden.grad.dtype == weight.grad.dtype == dtype
+
+
+def test_reference_is_hugging_face_loss(gen):
+    """The fallback (kernels.reference) computes Hugging Face's loss, shift included."""
+    hidden, weight, labels = _inputs((2, 15), 16, 90, torch.float64, gen)
+    for shift in (False, True):
+        for reduction in ("mean", "sum"):
+            got = linear_cross_entropy_reference(hidden, weight, labels, IGNORE, reduction,
+                                                 shift_labels=shift)
+            want = _hf_loss(hidden, weight, labels, shift, reduction)
+            assert rel_error(got, want) < 1e-12
+
+
+def test_sum_reduction_and_grad_output_scaling(gen):
+    hidden, weight, labels = _inputs((30,), 32, 400, torch.float32, gen)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, reduction="sum", chunk_size=7)
+    (2.5 * loss).backward()
+    ref_loss, ref_dh, ref_dw = _float64_grads(hidden, weight, labels, False, "sum")
+    assert_rel_close(loss, ref_loss, name="loss")
+    assert_rel_close(hidden.grad, 2.5 * ref_dh, name="grad hidden")
+    assert_rel_close(weight.grad, 2.5 * ref_dw, name="grad weight")
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_all_ignored_gives_zero_loss_and_zero_grads(gen, shift):
+    hidden, weight, labels = _inputs((12,), 16, 50, torch.float32, gen)
+    labels.fill_(IGNORE)
+    if shift:
+        labels[0] = 3  # the first label is never a target after the shift
+    loss = fused_linear_cross_entropy(hidden, weight, labels, shift_labels=shift,
+                                      chunk_size=5)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert not hidden.grad.any() and not weight.grad.any()
+    # Hugging Face's mean over no target is 0 / 0.
+    assert _hf_loss(hidden.detach(), weight.detach(), labels, shift).isnan()
+
+
+def test_zero_tokens(gen):
+    hidden, weight, labels = _inputs((0,), 16, 50, torch.float32, gen)
+    loss = fused_linear_cross_entropy(hidden, weight, labels)
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == (0, 16) and not weight.grad.any()
+
+
+def test_only_requested_gradients(gen):
+    hidden, weight, labels = _inputs((20,), 16, 100, torch.float32, gen)
+    weight.requires_grad_(False)
+    fused_linear_cross_entropy(hidden, weight, labels, chunk_size=6).backward()
+    _, ref_dh, _ = _float64_grads(hidden, weight, labels, False)
+    assert weight.grad is None
+    assert_rel_close(hidden.grad, ref_dh, name="grad hidden")
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden, weight, labels)
+    assert not loss.requires_grad
+    assert_rel_close(loss, _hf_loss(hidden.double(), weight.double(), labels, False))
+
+
+def test_backward_runs_once(gen):
+    hidden, weight, labels = _inputs((8,), 16, 40, torch.float32, gen)
+    loss = fused_linear_cross_entropy(hidden, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+
+
+def test_autocast_casts_like_the_linear_head(gen):
+    hidden, weight, labels = _inputs((16,), 32, 120, torch.float32, gen)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        loss = fused_linear_cross_entropy(hidden, weight, labels)
+    loss.backward()
+    assert weight.grad.dtype == torch.float32
+    half = [t.detach().half().requires_grad_() for t in (hidden, weight)]
+    fused_linear_cross_entropy(*half, labels).backward()
+    assert_rel_close(hidden.grad, half[0].grad.float(), torch.float16, name="grad hidden")
+    assert_rel_close(weight.grad, half[1].grad.float(), torch.float16, name="grad weight")
+
+
+BAD_INPUTS = {
+    "labels-int32": (lambda h, w, l, k: (h, w, l.int(), k), TypeError, "labels must have dtype"),
+    "labels-shape": (lambda h, w, l, k: (h, w, l[:5], k), ValueError, "labels must have shape"),
+    "label-past-vocab": (lambda h, w, l, k: (h, w, l.fill_(20), k), ValueError,
+                         r"labels must be in \[0, 20\)"),
+    "negative-label": (lambda h, w, l, k: (h, w, l.fill_(-1), k), ValueError, "labels must be"),
+    "weight-hidden-size": (lambda h, w, l, k: (h, w[:, :7], l, k), ValueError,
+                           r"weight must be \[vocab, 8\]"),
+    "weight-dtype": (lambda h, w, l, k: (h, w.half(), l, k), TypeError, "weight must have dtype"),
+    "weight-1d": (lambda h, w, l, k: (h, w[0], l, k), ValueError, "weight must have 2 dim"),
+    "hidden-1d": (lambda h, w, l, k: (h[0], w, l[0], k), ValueError, "hidden must be"),
+    "hidden-int": (lambda h, w, l, k: (h.long(), w, l, k), TypeError, "hidden must have dtype"),
+    "reduction": (lambda h, w, l, k: (h, w, l, dict(reduction="none")), ValueError, "reduction"),
+    "chunk-size": (lambda h, w, l, k: (h, w, l, dict(chunk_size=0)), ValueError, "chunk_size"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_name_the_argument(gen, case):
+    change, error, message = BAD_INPUTS[case]
+    hidden, weight, labels = _inputs((6,), 8, 20, torch.float32, gen)
+    hidden, weight, labels, kwargs = change(hidden.detach(), weight.detach(), labels, {})
+    with pytest.raises(error, match=message):
+        fused_linear_cross_entropy(hidden, weight, labels, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [None, 1000])
+def test_bf16_on_gpu_at_internlm2_vocab(gen, chunk):
+    """92544 vocabulary, bf16: no worse than Hugging Face's bf16 path against float64."""
+    hidden, weight, labels = _inputs((2048,), 1024, 92544, torch.bfloat16, gen)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk)
+    loss.backward()
+    ref_loss, ref_dh, ref_dw = _float64_grads(hidden, weight, labels, False)
+    h, w = (t.detach().clone().requires_grad_() for t in (hidden, weight))
+    hf = F.cross_entropy((h @ w.t()).float(), labels, ignore_index=IGNORE)
+    hf.backward()
+    for name, ours, theirs, ref in (("loss", loss, hf, ref_loss),
+                                    ("grad hidden", hidden.grad, h.grad, ref_dh),
+                                    ("grad weight", weight.grad, w.grad, ref_dw)):
+        err, hf_err = rel_error(ours, ref), rel_error(theirs, ref)
+        assert err <= max(1.5 * hf_err, REL_TOL[torch.bfloat16]), (name, err, hf_err)
+    assert HAS_CUDA

@@ -1,0 +1,86 @@
+"""kernels.swiglu against InternLM2MLP's gate ``act_fn(w1 x) * w3 x`` in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import swiglu
+from kernels.reference import swiglu_reference
+from tests.helpers import DEVICE, DTYPES, assert_rel_close, randn
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def _float64(a, b, dy):
+    a64, b64 = (t.detach().double().requires_grad_() for t in (a, b))
+    y = F.silu(a64) * b64
+    y.backward(dy.double())
+    return y, a64.grad, b64.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 96), (2, 3, 1000), (5, 4100)],
+                         ids=["96", "3d-1000", "blocks-4100"])
+def test_matches_float64(gen, dtype, shape):
+    # Gate pre-activations of a few units: both tails of silu are exercised.
+    a = _leaf(randn(shape, dtype, generator=gen, scale=3.0))
+    b = _leaf(randn(shape, dtype, generator=gen))
+    y = swiglu(a, b)
+    assert y.shape == shape and y.dtype == dtype and y.is_contiguous()
+    dy = randn(shape, dtype, generator=gen)
+    y.backward(dy)
+    ref_y, ref_da, ref_db = _float64(a, b, dy)
+    assert_rel_close(y, ref_y, name="y")
+    assert_rel_close(a.grad, ref_da, name="da")
+    assert_rel_close(b.grad, ref_db, name="db")
+
+
+def test_reference_matches_float64(gen):
+    a, b = (randn((7, 33), torch.float64, generator=gen) for _ in range(2))
+    assert_rel_close(swiglu_reference(a, b), F.silu(a) * b)
+
+
+def test_halves_of_a_fused_projection_are_read_in_place(gen):
+    """``a``/``b`` as the two column halves of one ``[tokens, 2n]`` output (w1, w3 fused)."""
+    fused = _leaf(randn((3, 11, 2 * 160), generator=gen, scale=2.0))
+    a, b = fused[..., :160], fused[..., 160:]
+    y = swiglu(a, b)
+    dy = randn(y.shape, generator=gen)
+    y.backward(dy)
+    ref_y, ref_da, ref_db = _float64(a, b, dy)
+    assert_rel_close(y, ref_y, name="y")
+    assert_rel_close(fused.grad, torch.cat([ref_da, ref_db], -1), name="d fused")
+
+
+def test_backward_keeps_only_the_inputs(gen):
+    a, b = (_leaf(randn((4, 64), generator=gen)) for _ in range(2))
+    y = swiglu(a, b)
+    saved = y.grad_fn.saved_tensors
+    assert len(saved) == 2
+    assert saved[0].data_ptr() == a.data_ptr() and saved[1].data_ptr() == b.data_ptr()
+
+
+def test_broadcast_gradient_and_empty_input(gen):
+    a, b = (_leaf(randn((6, 50), generator=gen)) for _ in range(2))
+    swiglu(a, b).sum().backward()
+    _, ref_da, ref_db = _float64(a, b, torch.ones(6, 50, device=DEVICE))
+    assert_rel_close(a.grad, ref_da, name="da")
+    assert_rel_close(b.grad, ref_db, name="db")
+    empty = _leaf(torch.empty(0, 8, device=DEVICE))
+    swiglu(empty, empty).sum().backward()
+    assert empty.grad.shape == (0, 8)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda a: (a, a.half()), TypeError, "b must have dtype"),
+    (lambda a: (a, a[:, :5]), ValueError, "b must have a's shape"),
+    (lambda a: (a.long(), a.long()), TypeError, "a must have dtype"),
+    (lambda a: (a.t(), a.t()), ValueError, "a must be contiguous in its last dimension"),
+    (lambda a: (a[0, 0], a[0, 0]), ValueError, "a must have at least one dimension"),
+], ids=["dtype", "shape", "int", "transposed", "scalar"])
+def test_bad_inputs_name_the_argument(gen, make, error, message):
+    a = randn((6, 8), generator=gen)
+    with pytest.raises(error, match=message):
+        swiglu(*make(a))
