@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -195,24 +194,13 @@ def test_layouts_at_internlm2_7b_shapes_in_bf16(gen, sp):
 
 
 # ------------------------------------------------------------------- multi-rank runs
-_NATIVE_ABORT = "terminate called without an active exception"
-
-
 def _torchrun(nproc: int, module: str, *args: str, timeout: int = 600):
     env = training_env({"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
                         "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", module, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
-    if proc.returncode != 0 and _NATIVE_ABORT in proc.stderr:
-        # Seen once in ~20 runs on a loaded 2-core machine: a rank aborted in native code
-        # seconds after start, before any Python error.  One rerun, reported as a
-        # warning; a Python failure is never retried.
-        warnings.warn(f"torchrun rank aborted natively, rerunning once:\n{proc.stderr[-2000:]}")
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-    return proc
 
 
 @pytest.fixture(scope="module")
