@@ -8,7 +8,8 @@
 #   4. runs the other kernel and model tests on the GPU while time is left.
 # Exit status: non-zero when a test or a benchmark failed or a step ran out of time.
 # Time: GPU_CHECK_BUDGET (default 450 s) for all steps together; per-step limits
-# GPU_TEST_TIMEOUT, BENCH_TIMEOUT (per family), KERNEL_TEST_TIMEOUT.  The CPU-only
+# GPU_TEST_TIMEOUT, BENCH_TIMEOUT (per family), KERNEL_TEST_TIMEOUT; BENCH_FAMILIES and
+# BENCH_FILTER (a pytest -k expression) narrow the benchmarks for a short run.  The CPU-only
 # data-pipeline benchmark is not run here (`make bench` runs everything).  If $OUT is set (the device tool), a
 # tarball of the results folder and its key files are copied there.
 set -uo pipefail
@@ -65,10 +66,10 @@ run_step gpu-tests "${GPU_TEST_TIMEOUT:-150}" \
   "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$RESULTS/gpu-tests.xml"
 # One pytest run (and JSON file) per benchmark family, most important first, so that a
 # family cut by the time limit does not lose the others' results.
-for family in varlen_attention train_step rms_norm rotary cross_entropy swiglu sequence_parallel; do
+for family in ${BENCH_FAMILIES:-varlen_attention train_step rms_norm rotary cross_entropy swiglu sequence_parallel}; do
   run_step "bench-$family" "${BENCH_TIMEOUT:-150}" \
     "$PY" -m pytest "benchmarks/test_bench_$family.py" --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$RESULTS/bench-$family.json"
+    ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-json="$RESULTS/bench-$family.json"
 done
 JSONS=$(ls "$RESULTS"/bench-*.json 2>/dev/null)
 if [ -n "$JSONS" ]; then
