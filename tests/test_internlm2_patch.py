@@ -240,6 +240,20 @@ def test_unsupported_head_dim_keeps_xtuner_forward(tiny_checkpoint, caplog):
     assert "head_dim 48" in caplog.text
 
 
+def test_half_precision_model_matches_float64_reference(tiny_checkpoint, gen, varlen_args):
+    """A model cast as a whole (buffers too, as DeepSpeed's bf16 engine does) still runs:
+    the rotary ``inv_freq`` buffer is half precision then (found on the H100 in bf16)."""
+    model = _dispatch(_load(tiny_checkpoint, dtype=torch.float16))
+    assert model.model.layers[0].attention.rotary_emb.inv_freq.dtype == torch.float16
+    model64 = _load(tiny_checkpoint, "eager", torch.float64)
+    lengths = [20, 1, 43]
+    input_ids, _, position_ids, cu = _packed_batch(gen, lengths, model.config.vocab_size)
+    varlen_args(cu, max(lengths))
+    logits = model(input_ids, position_ids=position_ids).logits
+    ref = _reference_per_sample(model64, input_ids, lengths)
+    assert_rel_close(logits, ref, torch.float16, factor=20, name="logits")
+
+
 @pytest.mark.gpu
 def test_packed_bf16_on_gpu_matches_float64(tiny_checkpoint, gen, varlen_args):
     model = _dispatch(_load(tiny_checkpoint, dtype=torch.bfloat16))

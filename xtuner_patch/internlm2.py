@@ -78,7 +78,9 @@ def rope_arguments(rotary_emb, position_ids: torch.Tensor) -> dict:
                 max_position_embeddings=rotary_emb.max_position_embeddings, seq_len=seq_len,
                 device=position_ids.device)
             rotary_emb.register_buffer("inv_freq", inv_freq, persistent=False)
-    return dict(position_ids=position_ids, inv_freq=rotary_emb.inv_freq,
+    # Casting the whole model (``model.to(bf16)``, DeepSpeed's ``module.bfloat16()``) also
+    # casts this buffer; HF's forward takes it ``.float()``, and so do we.
+    return dict(position_ids=position_ids, inv_freq=rotary_emb.inv_freq.float(),
                 position_divisor=divisor)
 
 
