@@ -8,7 +8,7 @@
 #   4. runs the other kernel and model tests on the GPU while time is left.
 # Exit status: non-zero when a test or a benchmark failed or a step ran out of time.
 # Time: GPU_CHECK_BUDGET (default 450 s) for all steps together; per-step limits
-# GPU_TEST_TIMEOUT, BENCH_TIMEOUT (per family), KERNEL_TEST_TIMEOUT; BENCH_FAMILIES and
+# GPU_TEST_TIMEOUT, BENCH_TIMEOUT (per family), KERNEL_TEST_TIMEOUT (0 skips a step); BENCH_FAMILIES and
 # BENCH_FILTER (a pytest -k expression) narrow the benchmarks for a short run.  The CPU-only
 # data-pipeline benchmark is not run here (`make bench` runs everything).  If $OUT is set (the device tool), a
 # tarball of the results folder and its key files are copied there.
@@ -52,6 +52,7 @@ START=$SECONDS
 BUDGET=${GPU_CHECK_BUDGET:-450}  # seconds for all steps together (8 minutes with set-up)
 run_step() {  # name limit command...: runs within both its own limit and what is left
   local name=$1 limit=$2; shift 2
+  if [ "$limit" = 0 ]; then echo "gpu-check: $name skipped (limit 0)"; return; fi
   local left=$((BUDGET - (SECONDS - START)))
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -le 10 ]; then echo "gpu-check: $name skipped (time budget spent)"; status=1; return; fi
