@@ -12,6 +12,13 @@ forward pass; the backward pass counts 2.5 times that (five products instead of 
 The 128k rows run only forward+backward, with 3 rounds; the dense SDPA loop only the
 8k rows (one Python-level call per sample; at 32k+ it is slower by so much that it
 only costs benchmark time).
+
+Ours validates ``cu_seqlens`` and builds its work lists once per packing (a device
+sync), then reuses them while the same tensor comes back, as it does for every layer
+after the first in a step.  ``xtuner-patch-new-packing`` passes a fresh copy of
+``cu_seqlens`` to every call, the cost the first layer of a step pays (forward+backward
+rows up to 32k).  ``test_attention_plan_host_time`` times that host work alone, on any
+machine.
 """
 
 import pytest
@@ -29,7 +36,8 @@ PASSES = ("fwd", "bwd", "fwd_bwd")
 FA2 = "fa2"
 XTUNER = "xtuner-repeat-kv-fa2"
 SDPA = "sdpa-dense-loop"
-IMPLS = (OURS, FA2, XTUNER, SDPA)
+OURS_NEW_PACKING = "xtuner-patch-new-packing"
+IMPLS = (OURS, OURS_NEW_PACKING, FA2, XTUNER, SDPA)
 BWD_FLOP_RATIO = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 
@@ -50,6 +58,13 @@ def _impl_fn(impl: str):
         from kernels import varlen_attn_func
 
         return lambda q, k, v, cu, m: varlen_attn_func(q, k, v, cu, cu, m, m, causal=True)
+    if impl == OURS_NEW_PACKING:
+        from kernels import varlen_attn_func
+
+        def new_packing(q, k, v, cu, m):
+            fresh = cu.clone()
+            return varlen_attn_func(q, k, v, fresh, fresh, m, m, causal=True)
+        return new_packing
     fn = {FA2: fa2_varlen, XTUNER: xtuner_varlen, SDPA: sdpa_dense_loop}[impl]
     return lambda q, k, v, cu, m: fn(q, k, v, cu, cu, m, m, True)
 
@@ -83,7 +98,9 @@ def _data(model: str, tokens: int, mix: str):
                          ids=lambda x: str(x))
 def test_varlen_attention(benchmark, impl, model, tokens, mix, pass_name):
     requires_cuda()
-    if impl != OURS:
+    if impl == OURS_NEW_PACKING and (pass_name != "fwd_bwd" or tokens > 32768):
+        pytest.skip(f"{OURS_NEW_PACKING} runs forward+backward rows up to 32k only")
+    if impl not in (OURS, OURS_NEW_PACKING):
         reason = fa2_unavailable_reason()
         if reason and impl != SDPA:
             skip_missing(impl, reason)
@@ -131,3 +148,29 @@ def test_varlen_attention(benchmark, impl, model, tokens, mix, pass_name):
         benchmark.extra_info["fa2"] = fa2_name()
     measure(benchmark, fn, impl=impl, case=case, flops=flops, setup=setup,
             rounds=3 if big else None, warmup_rounds=1 if big else 3)
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["new-packing", "same-packing"])
+@pytest.mark.parametrize("tokens", ROWS[:2])
+def test_attention_plan_host_time(benchmark, tokens, reuse):
+    """Host work of one call before its kernels: validation and the work lists of the
+    forward and the backward, for a new packing or the one the previous call used.
+
+    CPU tensors, so no device sync is included: on a GPU a new packing adds one.
+    """
+    from kernels.varlen_attention import _plan
+
+    lengths = packed_lengths("sft-lognormal", tokens)
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+
+    def plan():
+        fresh = cu if reuse else cu.clone()
+        built = _plan(fresh, fresh, tokens, tokens, cu.device)
+        built.query_work(True)
+        built.key_work(True)
+
+    plan()
+    case = {"bench": "attn_plan_host", "tokens": tokens, "mix": "sft-lognormal",
+            "samples": len(lengths)}
+    measure(benchmark, plan, impl=OURS if reuse else OURS_NEW_PACKING, case=case,
+            rounds=200, warmup_rounds=5)

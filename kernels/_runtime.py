@@ -5,9 +5,10 @@ Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter
 the test-suite runs on machines without a GPU.
 """
 
+import collections
 import functools
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Hashable, Iterable, Optional, Sequence
 
 import torch
 import triton
@@ -77,17 +78,14 @@ def as_rows(name: str, tensor: torch.Tensor, n_cols: int) -> torch.Tensor:
             "cannot be addressed as rows with one row stride; pass .contiguous()") from None
 
 
-def check_cu_seqlens(name: str, cu_seqlens, total_tokens: Optional[int],
-                     max_seqlen: Optional[int] = None,
-                     max_seqlen_name: str = "max_seqlen") -> torch.Tensor:
+def check_cu_seqlens(name: str, cu_seqlens, total_tokens: Optional[int]) -> torch.Tensor:
     """Validate a flash-attn style cumulative sequence-length vector.
 
     ``cu_seqlens`` must be an int32 tensor ``[batch + 1]`` that starts at 0, never
     decreases and ends at ``total_tokens`` (any end when it is None, e.g. when the
-    tensor describes a whole packing of which the caller holds a shard).  When
-    ``max_seqlen`` is given it must be
-    at least the longest sequence.  Returns the per-sequence lengths (int64, on the
-    host) so launchers can size their grids without a second device sync.
+    tensor describes a whole packing of which the caller holds a shard).  Returns the
+    per-sequence lengths (int64, on the host) so launchers can size their grids without
+    a second device sync.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -107,12 +105,52 @@ def check_cu_seqlens(name: str, cu_seqlens, total_tokens: Optional[int],
     if total_tokens is not None and int(host[-1]) != total_tokens:
         raise ValueError(f"{name} must end at the token count {total_tokens}, "
                          f"got {int(host[-1])}")
-    if max_seqlen is not None:
-        longest = int(lengths.max()) if lengths.numel() else 0
-        if max_seqlen < longest:
-            raise ValueError(f"{max_seqlen_name}={max_seqlen} is smaller than the longest "
-                             f"sequence in {name} ({longest})")
     return lengths
+
+
+def check_max_seqlen(name: str, max_seqlen: int, longest: int, cu_seqlens_name: str) -> None:
+    """flash-attn's ``max_seqlen`` arguments must be at least the longest sequence."""
+    if max_seqlen < longest:
+        raise ValueError(f"{name}={max_seqlen} is smaller than the longest sequence in "
+                         f"{cu_seqlens_name} ({longest})")
+
+
+class TensorMemo:
+    """Values derived from tensors' contents, reused while the same tensors come back unmodified.
+
+    Launchers use it for what needs a tensor's values on the host (a device sync), such
+    as validating ``cu_seqlens``: the layers of a model pass the same ``cu_seqlens``
+    tensor within a step, so only the first layer pays.  An entry matches when every
+    tensor is the very object it was computed from (entries hold references, so an
+    identity cannot be reused by another tensor) with the same version counter (in-place
+    writes through PyTorch bump it) and the extra key is equal.  Writes that bypass the
+    counter (``.data``, NumPy views) are not seen.  Inference-mode tensors have no counter
+    and are never memoised.  The ``size`` most recently used entries are kept.
+    """
+
+    def __init__(self, size: int = 8):
+        self._size = size
+        self._entries = collections.OrderedDict()
+
+    def get(self, tensors: Sequence[torch.Tensor], extra: Hashable, compute: Callable):
+        """``compute()``, or its value from an earlier call with the same tensors and ``extra``."""
+        if any(t.is_inference() for t in tensors):
+            return compute()
+        key = tuple(id(t) for t in tensors) + (extra,)
+        versions = tuple(t._version for t in tensors)
+        entry = self._entries.get(key)
+        if entry is not None and entry[1] == versions:
+            self._entries.move_to_end(key)
+            return entry[2]
+        value = compute()
+        self._entries[key] = (tuple(tensors), versions, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def multiprocessor_count(device: torch.device) -> int:

@@ -17,7 +17,10 @@ their gradients are 0.
 Work decomposition: the host turns the sequence lengths (which validating
 ``cu_seqlens`` already brought to the CPU) into a list of work items
 ``(sequence, 128-row unit)``, sorted longest-running first, and launches one program
-per item and head.  Work is thus bounded by each sequence's own length: no program
+per item and head.  Validation and work lists are built once per ``cu_seqlens`` pair
+and reused while the same unmodified tensors come back (:class:`TensorMemo`): every
+layer of a model attends over the same packing within a step, so only the first
+layer's forward synchronises with the device.  Work is thus bounded by each sequence's own length: no program
 exists for the padding of short sequences, none looks at another sequence's keys.
 Inside an item, the tile size chosen by the autotuner (64 or 128 rows) walks the
 unit.  In the forward and dQ kernels, key blocks are split into those every row of
@@ -40,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import INTERPRETER, autotune_configs, check_cu_seqlens, check_tensor
+from kernels._runtime import (INTERPRETER, TensorMemo, autotune_configs, check_cu_seqlens,
+                             check_max_seqlen, check_tensor)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # 96 runs in 128-wide tiles with masked columns.  256 would need smaller tiles than the
@@ -448,6 +452,56 @@ def _work_list(rows: torch.Tensor, other: torch.Tensor, causal: bool, rows_are_q
     return torch.stack([seq, unit], 1).to(torch.int32).reshape(-1).to(device)
 
 
+class _Plan:
+    """What the launchers need from one ``(cu_seqlens_q, cu_seqlens_k)`` pair.
+
+    Holds the validated per-sequence lengths (host int64), the two cu_seqlens on the
+    device of q, and the work lists, built on first use for each ``causal`` and each
+    of the two row kinds (query units for the forward and dQ, key units for dK/dV).
+    """
+
+    def __init__(self, lens_q, lens_k, cu_q, cu_k):
+        self.lens_q, self.lens_k = lens_q, lens_k
+        self.longest_q = int(lens_q.max()) if lens_q.numel() else 0
+        self.longest_k = int(lens_k.max()) if lens_k.numel() else 0
+        self.cu_q, self.cu_k = cu_q, cu_k
+        self._work = {}
+
+    def query_work(self, causal: bool) -> torch.Tensor:
+        return self._work_list(causal, rows_are_queries=True)
+
+    def key_work(self, causal: bool) -> torch.Tensor:
+        return self._work_list(causal, rows_are_queries=False)
+
+    def _work_list(self, causal, rows_are_queries):
+        key = (causal, rows_are_queries)
+        if key not in self._work:
+            rows, other = ((self.lens_q, self.lens_k) if rows_are_queries
+                           else (self.lens_k, self.lens_q))
+            self._work[key] = _work_list(rows, other, causal, rows_are_queries,
+                                         self.cu_q.device)
+        return self._work[key]
+
+
+_PLANS = TensorMemo()
+
+
+def _plan(cu_seqlens_q, cu_seqlens_k, total_q, total_k, device) -> _Plan:
+    """The validated :class:`_Plan` of a cu_seqlens pair, built or reused (see the module doc)."""
+    def build():
+        lens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q)
+        lens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k)
+        if lens_q.numel() != lens_k.numel():
+            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number "
+                             f"of sequences, got {lens_q.numel()} and {lens_k.numel()}")
+        return _Plan(lens_q, lens_k, cu_seqlens_q.to(device), cu_seqlens_k.to(device))
+
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor):
+            raise TypeError(f"{name} must be an int32 torch.Tensor, got {type(cu).__name__}")
+    return _PLANS.get((cu_seqlens_q, cu_seqlens_k), (total_q, total_k, device), build)
+
+
 def _block_d(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
@@ -512,11 +566,11 @@ def _upcast(x: torch.Tensor) -> bool:
 
 class _VarlenAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, lens_q, lens_k, scale, causal):
-        q_work = _work_list(lens_q, lens_k, causal, True, q.device)
-        out, lse = _forward(q, k, v, cu_q, cu_k, q_work, scale, causal)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, q_work)
-        ctx.lens = (lens_q, lens_k)
+    def forward(ctx, q, k, v, plan, scale, causal):
+        q_work = plan.query_work(causal)
+        out, lse = _forward(q, k, v, plan.cu_q, plan.cu_k, q_work, scale, causal)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
         ctx.scale = scale
         ctx.causal = causal
         ctx.mark_non_differentiable(lse)
@@ -524,12 +578,12 @@ class _VarlenAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, cu_q, cu_k, q_work = ctx.saved_tensors
-        lens_q, lens_k = ctx.lens
-        kv_work = _work_list(lens_k, lens_q, ctx.causal, False, q.device)
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_q, cu_k, q_work, kv_work,
-                               ctx.scale, ctx.causal)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, causal = ctx.plan, ctx.causal
+        dq, dk, dv = _backward(dout, q, k, v, out, lse, plan.cu_q, plan.cu_k,
+                               plan.query_work(causal), plan.key_work(causal), ctx.scale,
+                               causal)
+        return dq, dk, dv, None, None, None
 
 
 # ------------------------------------------------------------------------- public API
@@ -578,19 +632,13 @@ def varlen_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if hkv == 0 or hq % hkv:
         raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number "
                          f"of kv heads ({hkv})")
-    lens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, int(max_seqlen_q),
-                              "max_seqlen_q")
-    lens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, int(max_seqlen_k),
-                              "max_seqlen_k")
-    if lens_q.numel() != lens_k.numel():
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of "
-                         f"sequences, got {lens_q.numel()} and {lens_k.numel()}")
+    plan = _plan(cu_seqlens_q, cu_seqlens_k, total_q, total_k, q.device)
+    check_max_seqlen("max_seqlen_q", int(max_seqlen_q), plan.longest_q, "cu_seqlens_q")
+    check_max_seqlen("max_seqlen_k", int(max_seqlen_k), plan.longest_k, "cu_seqlens_k")
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     if not scale > 0.0:
         raise ValueError(f"softmax_scale must be positive, got {softmax_scale}")
-    out, lse = _VarlenAttnFunction.apply(q, k, v, cu_seqlens_q.to(q.device),
-                                         cu_seqlens_k.to(q.device), lens_q, lens_k, scale,
-                                         bool(causal))
+    out, lse = _VarlenAttnFunction.apply(q, k, v, plan, scale, bool(causal))
     return (out, lse) if return_lse else out
 
 

@@ -101,6 +101,29 @@ def test_packed_forward_backward_matches_float64_reference(
         assert_rel_close(param.grad, grads[name].grad, torch.float32, factor=50, name=name)
 
 
+def test_packing_is_read_once_per_step(tiny_checkpoint, gen, varlen_args, monkeypatch):
+    """Reading the packing on the host is a device sync: every layer of a step shares
+    XTuner's ``cumulative_len``, so the forward and backward of all layers read it once."""
+    import kernels.varlen_attention as attention
+
+    calls = []
+    checked = attention.check_cu_seqlens
+    monkeypatch.setattr(attention, "check_cu_seqlens",
+                        lambda name, *a: calls.append(name) or checked(name, *a))
+    model = _dispatch(_load(tiny_checkpoint))
+    assert model.config.num_hidden_layers > 1
+    lengths = [20, 9, 25]
+    input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, model.config.vocab_size)
+    # Two tokens of padding after the packed samples: the patch closes cu_seqlens at 56,
+    # a new tensor, which must still be one tensor for all layers.
+    input_ids = torch.nn.functional.pad(input_ids, (0, 2), value=0)
+    labels = torch.nn.functional.pad(labels, (0, 2), value=-100)
+    position_ids = torch.cat([position_ids, torch.arange(2, device=DEVICE)[None]], 1)
+    varlen_args(cu, max(lengths))
+    model(input_ids, position_ids=position_ids, labels=labels).loss.backward()
+    assert calls == ["cu_seqlens_q", "cu_seqlens_k"]  # for the first layer only
+
+
 def test_switches_off_match_too(tiny_checkpoint, gen, varlen_args):
     lengths = [30, 34]
     full = _dispatch(_load(tiny_checkpoint))

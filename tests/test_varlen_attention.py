@@ -248,6 +248,42 @@ def test_bad_inputs_raise(bad):
         varlen_attn_func(**args)
 
 
+def test_validation_runs_once_per_cu_seqlens(gen, monkeypatch):
+    """Layers sharing one packing validate it (a device sync) once; a packing changed in
+    place is validated again and attended over as it now is, not as it was."""
+    import kernels.varlen_attention as module
+
+    calls = []
+    checked = module.check_cu_seqlens
+    monkeypatch.setattr(module, "check_cu_seqlens",
+                        lambda name, *a: calls.append(name) or checked(name, *a))
+    q = randn((30, 4, 64), generator=gen).requires_grad_()
+    k, v = (randn((30, 2, 64), generator=gen).requires_grad_() for _ in range(2))
+    cu = _cu([10, 20]).to(DEVICE)
+    for _ in range(3):
+        out = varlen_attn_func(q, k, v, cu, cu, 20, 20, causal=True)
+        out.sum().backward()
+    assert calls == ["cu_seqlens_q", "cu_seqlens_k"]
+    with pytest.raises(ValueError, match="max_seqlen_q=19 is smaller"):
+        varlen_attn_func(q, k, v, cu, cu, 19, 20, causal=True)
+
+    cu[1] = 25
+    for x in (q, k, v):
+        x.grad = None
+    out = varlen_attn_func(q, k, v, cu, cu, 25, 25, causal=True)
+    dout = randn(out.shape, generator=gen)
+    out.backward(dout)
+    assert len(calls) == 4
+    ref = _reference(q, k, v, cu, cu, dout, causal=True)
+    assert_rel_close(out, ref[0], torch.float32, name="out")
+    for name, grad, ref_grad in zip("qkv", (q.grad, k.grad, v.grad), ref[2:]):
+        assert_rel_close(grad, ref_grad, torch.float32, factor=GRAD_FACTOR, name=f"d{name}")
+
+    cu[1] = 31
+    with pytest.raises(ValueError, match="cu_seqlens_q must be non-decreasing"):
+        varlen_attn_func(q, k, v, cu, cu, 31, 31, causal=True)
+
+
 def test_supported_head_dims():
     assert {64, 96, 128} <= set(SUPPORTED_HEAD_DIMS)
 

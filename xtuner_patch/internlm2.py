@@ -39,9 +39,12 @@ position ``i`` with ``labels[i]``, with or without the fused loss.
 
 import logging
 import types
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+
+from kernels._runtime import TensorMemo
 
 from . import ops, sequence_parallel
 from .patch import KernelSwitches
@@ -96,16 +99,30 @@ def _message_hub_varlen_args():
             hub.get_info(f"max_seqlen_rank_{rank}"))
 
 
-def _packed_cu_seqlens(cumulative_len: torch.Tensor, total: int, device) -> torch.Tensor:
-    cu = cumulative_len.to(device=device, dtype=torch.int32).reshape(-1)
-    end = int(cu[-1])
-    if end > total:
-        raise ValueError(f"cumulative_len ends at {end}, past the {total} tokens of the batch")
-    if end < total:
-        # Padding appended after the packed samples (e.g. to a multiple of the
-        # sequence-parallel size) attends only to itself; its labels are ignored.
-        cu = torch.cat([cu, cu.new_tensor([total])])
-    return cu
+_PACKED_BOUNDS = TensorMemo()
+
+
+def packed_bounds(cumulative_len: torch.Tensor, total: int, device,
+                  overflow_hint: str = "") -> Tuple[torch.Tensor, int]:
+    """``(cu_seqlens, longest)``: XTuner's ``cumulative_len`` as int32 on ``device``, closed
+    at ``total`` tokens, and its longest sequence.
+
+    Computed once per step (every layer passes the same ``cumulative_len``): reading its
+    end is a device sync.
+    """
+    def build():
+        cu = cumulative_len.to(device=device, dtype=torch.int32).reshape(-1)
+        end = int(cu[-1])
+        if end > total:
+            raise ValueError(f"cumulative_len ends at {end}, past the {total} tokens of the "
+                             f"batch{overflow_hint}")
+        if end < total:
+            # Padding appended after the packed samples (e.g. to a multiple of the
+            # sequence-parallel size) attends only to itself; its labels are ignored.
+            cu = torch.cat([cu, cu.new_tensor([total])])
+        return cu, int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+    return _PACKED_BOUNDS.get((cumulative_len,), (total, device), build)
 
 
 def _key_padding(attention_mask, bsz: int, q_len: int):
@@ -160,8 +177,8 @@ def attention_forward(self, hidden_states, attention_mask=None, position_ids=Non
         if bsz != 1:
             raise ValueError(f"varlen attention packs samples into one row: batch size must "
                              f"be 1, got {bsz}")
-        cu_seqlens = _packed_cu_seqlens(cumulative_len, total, device)
-        max_seqlen = int(max_seqlen) if max_seqlen is not None else None
+        cu_seqlens, longest = packed_bounds(cumulative_len, total, device)
+        max_seqlen = int(max_seqlen) if max_seqlen is not None else longest
     else:
         keep = _key_padding(attention_mask, bsz, q_len)
         if keep is None:
@@ -173,8 +190,6 @@ def attention_forward(self, hidden_states, attention_mask=None, position_ids=Non
             max_seqlen = int(lengths.max())
             index = keep.reshape(-1).nonzero().squeeze(1)
             q, k, v = q[index], k[index], v[index]
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
     out = ops.varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen)
     if keep is not None:

@@ -142,21 +142,17 @@ def _row_bounds(bsz, tokens, sp, cumulative_len, max_seqlen, attention_mask, dev
     if cumulative_len is None:
         _check_right_padding(attention_mask, bsz, row)
         return torch.arange(0, bsz * row + 1, row, dtype=torch.int32, device=device), row
-    from .internlm2 import _packed_cu_seqlens
+    from .internlm2 import packed_bounds
 
     if bsz != 1:
         raise ValueError(f"varlen attention packs samples into one row: batch size must "
                          f"be 1, got {bsz}")
-    end = int(cumulative_len.reshape(-1)[-1])
-    if end > row:
-        raise ValueError(
-            f"cumulative_len ends at {end}, past the {row} tokens the {sp} ranks of the "
-            f"sequence-parallel group hold ({tokens} each): the row must be split evenly, "
-            "padded to a multiple of the sequence-parallel size as XTuner's collate does")
-    cu_seqlens = _packed_cu_seqlens(cumulative_len, row, device)
-    if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return cu_seqlens, int(max_seqlen)
+    cu_seqlens, longest = packed_bounds(
+        cumulative_len, row, device,
+        overflow_hint=f" that the {sp} ranks of the sequence-parallel group hold ({tokens} "
+                      "each): the row must be split evenly, padded to a multiple of the "
+                      "sequence-parallel size as XTuner's collate does")
+    return cu_seqlens, int(max_seqlen) if max_seqlen is not None else longest
 
 
 def _check_right_padding(attention_mask, bsz: int, row: int) -> None:

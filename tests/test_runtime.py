@@ -1,0 +1,55 @@
+"""kernels._runtime: the memo launchers use for values that need a device sync."""
+
+import torch
+
+from kernels._runtime import TensorMemo
+
+
+class _Counter:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.calls
+
+
+def test_memo_reuses_value_for_same_unmodified_tensors():
+    memo, compute = TensorMemo(), _Counter()
+    a, b = torch.arange(4), torch.arange(4)
+    assert memo.get((a,), "x", compute) == 1
+    assert memo.get((a,), "x", compute) == 1
+    # An equal tensor that is another object, or another extra key, is another entry.
+    assert memo.get((b,), "x", compute) == 2
+    assert memo.get((a,), "y", compute) == 3
+    assert memo.get((a,), "x", compute) == 1
+
+
+def test_memo_recomputes_after_in_place_write():
+    memo, compute = TensorMemo(), _Counter()
+    a = torch.arange(4)
+    assert memo.get((a,), None, compute) == 1
+    a[0] = 7
+    assert memo.get((a,), None, compute) == 2
+    a.add_(1)
+    assert memo.get((a,), None, compute) == 3
+    assert memo.get((a,), None, compute) == 3
+
+
+def test_memo_keeps_the_most_recent_entries():
+    memo, compute = TensorMemo(size=2), _Counter()
+    a, b, c = (torch.zeros(1) for _ in range(3))
+    memo.get((a,), None, compute)
+    memo.get((b,), None, compute)
+    memo.get((a,), None, compute)  # a is now the most recent
+    memo.get((c,), None, compute)  # evicts b
+    assert memo.get((a,), None, compute) == 1
+    assert memo.get((b,), None, compute) == 4
+
+
+def test_memo_skips_inference_tensors():
+    memo, compute = TensorMemo(), _Counter()
+    with torch.inference_mode():
+        a = torch.arange(4)
+    assert memo.get((a,), None, compute) == 1
+    assert memo.get((a,), None, compute) == 2
