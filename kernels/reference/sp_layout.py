@@ -1,8 +1,8 @@
 """Pure-PyTorch sequence-parallel buffer layouts (see :mod:`kernels.sp_layout`).
 
 What the Triton transforms are tested against and what fallbacks run: built from the
-:class:`~kernels.sp_layout.HeadSplit` directly with slicing, indexing and ``cat``, not
-from the kernels' tables.  Any dtype (float64 included); differentiable.
+:class:`~kernels.sp_layout.HeadSplit` directly with slice copies (K and V head by head),
+not from the kernels' tables.  Any dtype (float64 included); differentiable.
 """
 
 from typing import Optional, Tuple
@@ -21,39 +21,40 @@ def pack_heads_reference(split, q: torch.Tensor, k: Optional[torch.Tensor] = Non
     buffer = q.new_empty(sum(sizes))
     start = 0
     for r, size in enumerate(sizes):
-        # Copies into slices of one buffer: differentiable, one pass over q.
+        # Copies into slices of one buffer: differentiable, one pass over every input.
         chunk = buffer[start:start + size].view(tokens, -1, head_dim)
         start += size
         nq = split.num_q(r)
         chunk[:, :nq] = q[:, split.q_bounds[r]:split.q_bounds[r + 1]]
         if kv:
-            index = torch.tensor(split.kv_heads[r], dtype=torch.long, device=q.device)
-            nkv = len(index)
-            chunk[:, nq:nq + nkv] = k.index_select(1, index)
-            chunk[:, nq + nkv:] = v.index_select(1, index)
+            nkv = split.num_kv(r)
+            for slot, head in enumerate(split.kv_heads[r]):
+                chunk[:, nq + slot] = k[:, head]
+                chunk[:, nq + nkv + slot] = v[:, head]
     return buffer
 
 
 def unpack_heads_reference(split, buffer: torch.Tensor, tokens: int, head_dim: int,
                            kv: bool = True) -> Tuple[torch.Tensor, ...]:
-    """:func:`kernels.sp_layout.unpack_heads`: repeated kv slots are summed."""
-    qs, ks, vs = [], [], []
-    chunks = buffer.split(split.chunk_numels(tokens, head_dim, kv))
-    for r, chunk in enumerate(chunks):
+    """:func:`kernels.sp_layout.unpack_heads`: repeated kv slots are summed (in order of
+    rank and slot, in the buffer's dtype)."""
+    q = buffer.new_empty((tokens, split.num_heads, head_dim))
+    kv_shape = (tokens, split.num_kv_heads, head_dim)
+    k, v = (buffer.new_empty(kv_shape), buffer.new_empty(kv_shape)) if kv else (None, None)
+    filled = set()
+    for r, chunk in enumerate(buffer.split(split.chunk_numels(tokens, head_dim, kv))):
         nq, nkv = split.num_q(r), split.num_kv(r) if kv else 0
         q_r, k_r, v_r = chunk.view(tokens, -1, head_dim).split([nq, nkv, nkv], dim=1)
-        qs.append(q_r)
-        ks.append(k_r)
-        vs.append(v_r)
-    q = torch.cat(qs, dim=1)
-    if not kv:
-        return (q,)
-    index = torch.tensor([h for heads in split.kv_heads for h in heads], dtype=torch.long,
-                         device=buffer.device)
-    shape = (tokens, split.num_kv_heads, head_dim)
-    k = buffer.new_zeros(shape).index_add(1, index, torch.cat(ks, dim=1))
-    v = buffer.new_zeros(shape).index_add(1, index, torch.cat(vs, dim=1))
-    return q, k, v
+        q[:, split.q_bounds[r]:split.q_bounds[r + 1]] = q_r
+        for slot, head in enumerate(split.kv_heads[r] if kv else ()):
+            if head in filled:
+                k[:, head] += k_r[:, slot]
+                v[:, head] += v_r[:, slot]
+            else:
+                k[:, head] = k_r[:, slot]
+                v[:, head] = v_r[:, slot]
+                filled.add(head)
+    return (q, k, v) if kv else (q,)
 
 
 def pack_qkv_rotary_reference(split, qkv: torch.Tensor, head_dim: int, **rope) -> torch.Tensor:
