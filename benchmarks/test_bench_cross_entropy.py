@@ -3,7 +3,9 @@
 GPU cases: InternLM2-7B's head (vocab 92544, hidden 4096), one packed row of 8k and 32k
 tokens, bf16, 30% of the labels ignored (prompt tokens), Hugging Face's shift.
 
-- ``xtuner-patch``: ``kernels.fused_linear_cross_entropy(..., shift_labels=True)``.
+- ``xtuner-patch``: ``kernels.fused_linear_cross_entropy(..., shift_labels=True)``, its
+  weight-gradient mode chosen by 'auto' ('recompute' at 8k tokens, 'accumulate' at 32k);
+  ``xtuner-patch-accumulate`` and ``xtuner-patch-recompute`` force one mode.
 - ``hf-pytorch``: what ``InternLM2ForCausalLM.forward`` does: ``output(h).float()``, the
   shifted ``.contiguous()`` copies, ``CrossEntropyLoss``.
 - ``liger-kernel``: ``LigerFusedLinearCrossEntropyLoss`` (when installed) on the same
@@ -34,7 +36,9 @@ from benchmarks.conftest import HAS_CUDA, OURS, measure, requires_cuda, skip_mis
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IGNORE = -100
-IMPLS = [OURS, "hf-pytorch", "liger-kernel"]
+OURS_MODES = {OURS: "auto", f"{OURS}-accumulate": "accumulate",
+              f"{OURS}-recompute": "recompute"}
+IMPLS = [*OURS_MODES, "hf-pytorch", "liger-kernel"]
 CASES = [dict(bench="linear_cross_entropy_fwd_bwd", model="internlm2-7b", tokens=t,
               vocab=92544, hidden=4096, dtype="bf16") for t in (8192, 32768)]
 # 8 chunks of ours, as at 32k tokens on the GPU.
@@ -44,11 +48,12 @@ CPU_CASE = dict(bench="linear_cross_entropy_cpu_memory", tokens=2048, vocab=8192
 
 def loss_fn(impl: str, chunk_size=None):
     """``loss(hidden [1, T, H], weight [V, H], labels [1, T])`` with Hugging Face's shift."""
-    if impl == OURS:
+    if impl in OURS_MODES:
         from kernels import fused_linear_cross_entropy
 
-        return lambda h, w, labels: fused_linear_cross_entropy(h, w, labels, shift_labels=True,
-                                                               chunk_size=chunk_size)
+        return lambda h, w, labels: fused_linear_cross_entropy(
+            h, w, labels, shift_labels=True, chunk_size=chunk_size,
+            grad_weight_mode=OURS_MODES[impl])
     if impl == "hf-pytorch":
         def hf(h, w, labels):
             logits = F.linear(h, w).float()
@@ -119,7 +124,7 @@ print(json.dumps(dict(base=base, peak=status("VmHWM:"))))
 """
 
 
-@pytest.mark.parametrize("impl", [OURS, "hf-pytorch"])
+@pytest.mark.parametrize("impl", [*OURS_MODES, "hf-pytorch"])
 def test_linear_cross_entropy_cpu_memory(benchmark, impl):
     if HAS_CUDA:
         pytest.skip("CPU memory case; the GPU cases measure memory on this host")

@@ -16,20 +16,32 @@ Tokens are processed in chunks of ``chunk_size`` rows.  Per chunk, in the forwar
    gradient of the loss with respect to them, ``(softmax - onehot(t)) * scale`` (``scale``
    is ``1 / n_valid`` for 'mean'), rounded to the input dtype as Hugging Face's
    ``.float()`` backward rounds it; ignored rows get a zero gradient and are not read;
-3. ``grad_h_c = dlogits @ W`` and ``grad_W += dlogits.T @ h_c``.
+3. ``grad_h_c = dlogits @ W``, and for the weight gradient one of two modes:
+
+   - ``'accumulate'``: ``grad_W += dlogits.T @ h_c``.  With more than one chunk the sum
+     runs in an fp32 accumulator ``V x H`` (a half-precision chunk's product is added to
+     it in slices of :data:`GRAD_WEIGHT_SLICE` vocabulary rows, so no second ``V x H``
+     temporary exists; fp32 products go in with ``addmm_``), rounded to the weight's
+     dtype after the last chunk; with a single chunk the product is written directly.
+     Three matrix products in all, but ``4 * V * H`` bytes (1.5 GB at InternLM2-7B's head).
+   - ``'recompute'``: the forward pass keeps each row's log-sum-exp, then walks the
+     vocabulary in slices of ``V_s`` rows: ``logits_s = h @ W_s.T`` for every token (into
+     the same buffer), the same kernel turns them into their gradient from the stored
+     log-sum-exp, and ``grad_W_s = dlogits_s.T @ h`` is one product over all tokens
+     (cuBLAS accumulates in fp32 and rounds once), written into its rows of ``grad_W``.
+     Four matrix products, no accumulator, and chunks of at most
+     :data:`RECOMPUTE_CHUNK_TOKENS`.
+
+   ``'auto'`` accumulates when the accumulator is small next to the logits of the call
+   (``tokens >= 8 * H``, so at most an eighth of their fp32 size), and recomputes below
+   that: there the accumulator would be most of the memory the loss needs (at
+   InternLM2-7B's head, accumulation from 32k tokens per call).
 
 So both gradients are finished when the forward pass returns; backward only multiplies
 them (in place) by the incoming gradient, and can therefore run once per forward.
-
-Memory beyond the inputs: the chunk buffer (``chunk_size x V`` in the input dtype), the
-gradient of the hidden states (``N x H``), and for the weight gradient, when there is
-more than one chunk, an fp32 accumulator ``V x H`` (a half-precision chunk's product is
-added to it in slices of :data:`GRAD_WEIGHT_SLICE` vocabulary rows, so no second ``V x H``
-temporary exists; fp32 products go in with ``addmm_``), rounded to the weight's dtype after
-the last chunk (at InternLM2-7B's head: 1.5 GB, then 0.76 GB).  With a single chunk the
-product is written directly (cuBLAS accumulates in fp32 and rounds once).  Chunks are
-of at most :data:`CHUNK_TOKENS` tokens by default (:func:`default_chunk_size`).
-Nothing is saved for the backward pass but the two gradients.
+Memory beyond the inputs: the logits buffer (``chunk x V`` in the input dtype), the
+gradient of the hidden states (``N x H``), the weight gradient, and the accumulator of
+the 'accumulate' mode.  Nothing is saved for the backward pass but the two gradients.
 
 Targets are checked on the host (one synchronisation per call): a target outside
 ``[0, V)`` that is not ``ignore_index`` raises ``ValueError`` instead of a device assert.
@@ -54,6 +66,13 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # (0.76 GB at V = 92544 in bf16, the size of InternLM2-7B's head).
 CHUNK_TOKENS = 4096
 
+# Tokens per chunk of the 'recompute' mode: its logits buffer is this many rows of V
+# (190 MB at V = 92544 in bf16), and also holds each vocabulary slice's logits for all
+# tokens.  At 4096 hidden units, products of 1024 rows still run near peak on an H100.
+RECOMPUTE_CHUNK_TOKENS = 1024
+
+GRAD_WEIGHT_MODES = ("auto", "accumulate", "recompute")
+
 # Vocabulary rows per weight-gradient product added to the fp32 accumulator: the
 # temporary in the input dtype is GRAD_WEIGHT_SLICE x H (64 MiB at H = 4096 in bf16).
 GRAD_WEIGHT_SLICE = 8192
@@ -65,30 +84,41 @@ _NUM_WARPS = 8
 
 @triton.jit
 def _cross_entropy_rows_kernel(
-    LOGITS, TARGETS, LOSSES,
-    n_cols, stride_row, scale, ignore_index,
+    LOGITS, TARGETS, LOSSES, LSE,
+    n_cols, first_col, stride_row, scale, ignore_index,
+    LSE_KNOWN: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    """One row of logits (vocabulary columns ``[first_col, first_col + n_cols)``).
+
+    Without ``LSE_KNOWN`` the row holds the whole vocabulary: its log-sum-exp goes to
+    LSE and its loss to LOSSES.  With it, the log-sum-exp is read from LSE (the row is a
+    slice).  With ``COMPUTE_GRAD`` the logits are overwritten by their gradient.
+    """
     row = tl.program_id(0).to(tl.int64)
     logits = LOGITS + row * stride_row
     target = tl.load(TARGETS + row)
     valid = target != ignore_index
     cols = tl.arange(0, BLOCK_V)
 
-    # Ignored rows skip the read: their loop runs zero times.
-    n_read = tl.where(valid, n_cols, 0)
-    row_max = float("-inf")
-    sum_exp = 0.0
-    for start in range(0, n_read, BLOCK_V):
-        offs = start + cols
-        x = tl.load(logits + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(row_max, tl.max(x, axis=0))
-        sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-        row_max = new_max
-    lse = tl.where(valid, row_max + tl.log(tl.where(valid, sum_exp, 1.0)), 0.0)
-    target_logit = tl.load(logits + target, mask=valid, other=0.0).to(tl.float32)
-    tl.store(LOSSES + row, tl.where(valid, lse - target_logit, 0.0))
+    if LSE_KNOWN:
+        lse = tl.load(LSE + row)
+    else:
+        # Ignored rows skip the read: their loop runs zero times.
+        n_read = tl.where(valid, n_cols, 0)
+        row_max = float("-inf")
+        sum_exp = 0.0
+        for start in range(0, n_read, BLOCK_V):
+            offs = start + cols
+            x = tl.load(logits + offs, mask=offs < n_cols, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(row_max, tl.max(x, axis=0))
+            sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            row_max = new_max
+        lse = tl.where(valid, row_max + tl.log(tl.where(valid, sum_exp, 1.0)), 0.0)
+        target_logit = tl.load(logits + target, mask=valid, other=0.0).to(tl.float32)
+        tl.store(LOSSES + row, tl.where(valid, lse - target_logit, 0.0))
+        tl.store(LSE + row, lse)
 
     if COMPUTE_GRAD:
         # Every element of the row is read before it is overwritten by its gradient.
@@ -96,7 +126,7 @@ def _cross_entropy_rows_kernel(
             offs = start + cols
             mask = offs < n_cols
             x = tl.load(logits + offs, mask=mask & valid, other=0.0).to(tl.float32)
-            grad = tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)
+            grad = tl.exp(x - lse) - tl.where(offs + first_col == target, 1.0, 0.0)
             grad = tl.where(valid, grad * scale, 0.0)
             tl.store(logits + offs, grad.to(LOGITS.dtype.element_ty), mask=mask)
 
@@ -121,40 +151,68 @@ def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> int:
     return n_valid
 
 
-def _forward(h2, weight, targets, ignore_index, scale, chunk_size, need_dh, need_dw):
+def recomputes_weight_grad(mode: str, n_tokens: int, hidden_size: int) -> bool:
+    """Whether ``mode`` ('auto', 'accumulate', 'recompute') recomputes the logits for the
+    weight gradient of ``n_tokens`` tokens (see the module doc)."""
+    return mode == "recompute" or (mode == "auto" and n_tokens < 8 * hidden_size)
+
+
+def _rows_kernel(logits, targets, losses, lse, scale, ignore_index, *, first_col=0,
+                 lse_known=False, compute_grad=True):
+    block_v = min(_BLOCK_V, triton.next_power_of_2(logits.shape[1]))
+    _cross_entropy_rows_kernel[(logits.shape[0],)](
+        logits, targets, losses, lse, logits.shape[1], first_col, logits.stride(0), scale,
+        ignore_index, LSE_KNOWN=lse_known, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,
+        num_warps=_NUM_WARPS)
+
+
+def _forward(h2, weight, targets, ignore_index, scale, chunk_size, need_dh, need_dw,
+             recompute):
     n_rows, vocab = h2.shape[0], weight.shape[0]
     device = h2.device
     losses = torch.empty(n_rows, dtype=torch.float32, device=device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=device)
     dh = torch.empty_like(h2, memory_format=torch.contiguous_format) if need_dh else None
+    if recompute:
+        chunk_size = min(chunk_size, RECOMPUTE_CHUNK_TOKENS)
     single = n_rows <= chunk_size
+    accumulate = need_dw and not recompute and not single
     dw = None
     if need_dw:
-        dw = (torch.empty_like(weight, memory_format=torch.contiguous_format) if single
-              else torch.zeros(weight.shape, dtype=torch.float32, device=device))
+        dw = (torch.zeros(weight.shape, dtype=torch.float32, device=device) if accumulate
+              else torch.empty_like(weight, memory_format=torch.contiguous_format))
     if n_rows == 0:
         return losses, dh, (dw.zero_() if dw is not None else None)
 
-    buffer = torch.empty((min(chunk_size, n_rows), vocab), dtype=h2.dtype, device=device)
-    block_v = min(_BLOCK_V, triton.next_power_of_2(vocab))
+    buffer = torch.empty(min(chunk_size, n_rows) * vocab, dtype=h2.dtype, device=device)
     for start in range(0, n_rows, chunk_size):
         stop = min(start + chunk_size, n_rows)
         hc = h2[start:stop]
-        logits = buffer[:stop - start]
+        logits = buffer[:(stop - start) * vocab].view(stop - start, vocab)
         torch.mm(hc, weight.t(), out=logits)
-        _cross_entropy_rows_kernel[(stop - start,)](
-            logits, targets[start:stop], losses[start:stop],
-            vocab, logits.stride(0), scale, ignore_index,
-            COMPUTE_GRAD=need_dh or need_dw, BLOCK_V=block_v, num_warps=_NUM_WARPS)
+        _rows_kernel(logits, targets[start:stop], losses[start:stop], lse[start:stop], scale,
+                     ignore_index, compute_grad=need_dh or (need_dw and not recompute))
         if need_dh:
             torch.mm(logits, weight, out=dh[start:stop])
-        if need_dw and single:
+        if need_dw and single and not recompute:
             torch.mm(logits.t(), hc, out=dw)
-        elif need_dw and dw.dtype == hc.dtype:
+        elif accumulate and dw.dtype == hc.dtype:
             dw.addmm_(logits.t(), hc)
-        elif need_dw:
+        elif accumulate:
             for v in range(0, vocab, GRAD_WEIGHT_SLICE):
                 rows = slice(v, min(v + GRAD_WEIGHT_SLICE, vocab))
                 dw[rows].add_(torch.mm(logits[:, rows].t(), hc))
+    if need_dw and recompute:
+        # The buffer, seen as [n_rows, slice]: every token's logits of a vocabulary slice.
+        vocab_slice = max(1, buffer.numel() // n_rows)
+        for v in range(0, vocab, vocab_slice):
+            rows = slice(v, min(v + vocab_slice, vocab))
+            width = rows.stop - rows.start
+            logits = buffer[:n_rows * width].view(n_rows, width)
+            torch.mm(h2, weight[rows].t(), out=logits)
+            _rows_kernel(logits, targets, losses, lse, scale, ignore_index, first_col=v,
+                         lse_known=True)
+            torch.mm(logits.t(), h2, out=dw[rows])
     # Freed before the accumulator's copy in the weight's dtype is made, which can reuse it.
     del buffer, logits
     if dw is not None and dw.dtype != weight.dtype:
@@ -165,13 +223,13 @@ def _forward(h2, weight, targets, ignore_index, scale, chunk_size, need_dh, need
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size,
-                need_dh, need_dw):
+                need_dh, need_dw, recompute):
         h2 = hidden.reshape(-1, hidden.shape[-1])
         n_valid = _check_targets(targets, weight.shape[0], ignore_index)
         # With no target left the loss is 0 with zero gradients (not 0/0).
         scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
         losses, dh, dw = _forward(h2, weight, targets, ignore_index, scale, chunk_size,
-                                  need_dh, need_dw)
+                                  need_dh, need_dw, recompute)
         ctx.hidden_shape = hidden.shape
         ctx.grads = (dh, dw)
         return losses.sum() * scale
@@ -189,13 +247,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             dh = dh.mul_(grad_loss).view(ctx.hidden_shape)
         if dw is not None:
             dw.mul_(grad_loss)
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                ignore_index: int = -100, reduction: str = "mean",
                                shift_labels: bool = False,
-                               chunk_size: Optional[int] = None) -> torch.Tensor:
+                               chunk_size: Optional[int] = None,
+                               grad_weight_mode: str = "auto") -> torch.Tensor:
     """``CrossEntropyLoss(hidden @ weight.T, labels)`` without the full logits, differentiable.
 
     Args:
@@ -210,7 +269,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             ``labels[..., t + 1]`` along the last dimension of ``labels`` (so per row of a
             ``[batch, seq]`` batch) and the last position of each row predicts nothing;
             only the int64 labels are shifted, never the logits.
-        chunk_size: tokens per chunk (default :func:`default_chunk_size`).
+        chunk_size: tokens per chunk (default :func:`default_chunk_size`; the
+            'recompute' mode uses at most :data:`RECOMPUTE_CHUNK_TOKENS`).
+        grad_weight_mode: how the weight gradient is summed over chunks: ``'accumulate'``
+            (three matrix products, an fp32 ``V x H`` accumulator), ``'recompute'``
+            (four products, no accumulator) or ``'auto'`` (accumulate from
+            ``8 * H`` tokens on); see the module doc.
 
     Returns:
         The loss, an fp32 scalar.  When every target is ignored it is 0 and the gradients
@@ -240,6 +304,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if grad_weight_mode not in GRAD_WEIGHT_MODES:
+        raise ValueError(f"grad_weight_mode must be one of {GRAD_WEIGHT_MODES}, got "
+                         f"{grad_weight_mode!r}")
 
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -256,4 +323,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     with torch.autocast(device_type, enabled=False):
         return _FusedLinearCrossEntropy.apply(
             hidden, weight, targets, int(ignore_index), reduction, chunk_size,
-            grad and hidden.requires_grad, grad and weight.requires_grad)
+            grad and hidden.requires_grad, grad and weight.requires_grad,
+            recomputes_weight_grad(grad_weight_mode, n_tokens, weight.shape[1]))

@@ -48,13 +48,16 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("mode", ["accumulate", "recompute"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_hf_float64(gen, dtype, case):
+def test_matches_hf_float64(gen, dtype, case, mode):
+    """Both weight-gradient modes; with 'recompute' the vocabulary slices of the second
+    pass are ``chunk * vocab // tokens`` rows, so chunked cases also split the vocabulary."""
     shape, hidden_size, vocab, chunk, shift = CASES[case]
     hidden, weight, labels = _inputs(shape, hidden_size, vocab, dtype, gen)
     loss = fused_linear_cross_entropy(hidden, weight, labels, shift_labels=shift,
-                                      chunk_size=chunk)
+                                      chunk_size=chunk, grad_weight_mode=mode)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     loss.backward()
     ref_loss, ref_dh, ref_dw = _float64_grads(hidden, weight, labels, shift)
@@ -140,6 +143,15 @@ def test_autocast_casts_like_the_linear_head(gen):
     assert_rel_close(weight.grad, half[1].grad.float(), torch.float16, name="grad weight")
 
 
+def test_auto_mode_recomputes_below_eight_tokens_per_hidden_unit():
+    from kernels.cross_entropy import recomputes_weight_grad
+
+    assert recomputes_weight_grad("auto", 8191, 1024)
+    assert not recomputes_weight_grad("auto", 8192, 1024)
+    assert recomputes_weight_grad("recompute", 10 ** 6, 1024)
+    assert not recomputes_weight_grad("accumulate", 1, 1024)
+
+
 BAD_INPUTS = {
     "labels-int32": (lambda h, w, l, k: (h, w, l.int(), k), TypeError, "labels must have dtype"),
     "labels-shape": (lambda h, w, l, k: (h, w, l[:5], k), ValueError, "labels must have shape"),
@@ -154,6 +166,8 @@ BAD_INPUTS = {
     "hidden-int": (lambda h, w, l, k: (h.long(), w, l, k), TypeError, "hidden must have dtype"),
     "reduction": (lambda h, w, l, k: (h, w, l, dict(reduction="none")), ValueError, "reduction"),
     "chunk-size": (lambda h, w, l, k: (h, w, l, dict(chunk_size=0)), ValueError, "chunk_size"),
+    "grad-weight-mode": (lambda h, w, l, k: (h, w, l, dict(grad_weight_mode="fp32")),
+                         ValueError, "grad_weight_mode must be one of"),
 }
 
 
@@ -167,11 +181,13 @@ def test_bad_inputs_name_the_argument(gen, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("chunk", [None, 1000])
-def test_bf16_on_gpu_at_internlm2_vocab(gen, chunk):
+@pytest.mark.parametrize("chunk,mode", [(None, "auto"), (1000, "accumulate"),
+                                        (1000, "recompute")])
+def test_bf16_on_gpu_at_internlm2_vocab(gen, chunk, mode):
     """92544 vocabulary, bf16: no worse than Hugging Face's bf16 path against float64."""
     hidden, weight, labels = _inputs((2048,), 1024, 92544, torch.bfloat16, gen)
-    loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk,
+                                      grad_weight_mode=mode)
     loss.backward()
     ref_loss, ref_dh, ref_dw = _float64_grads(hidden, weight, labels, False)
     h, w = (t.detach().clone().requires_grad_() for t in (hidden, weight))
