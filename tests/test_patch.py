@@ -82,6 +82,26 @@ def test_one_log_line_per_process():
         assert f"kernels.{name}" in lines[0], lines[0]
 
 
+def test_patch_before_xtuner_is_imported_applies_its_switches_once():
+    """``patch()`` is what first imports xtuner.model here: the import hook of
+    ``import xtuner_patch`` must neither wait for patch()'s lock nor patch again."""
+    code = textwrap.dedent("""
+        import xtuner_patch
+        print(xtuner_patch.patch(rope=False))
+        import xtuner.model.sft as sft
+        print(xtuner_patch.active_switches(), sft.dispatch_modules.__module__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    returned, active = proc.stdout.strip().splitlines()[-2:]
+    assert "rope=False" in returned and active.startswith(returned)
+    assert active.endswith("xtuner_patch.dispatch")
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+             if "dispatch_modules patched" in ln]
+    assert len(lines) == 1, lines
+
+
 def test_xtuner_patch_0_leaves_xtuner_alone():
     code = "import xtuner_patch, xtuner.model.sft as s; print(s.dispatch_modules.__module__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,

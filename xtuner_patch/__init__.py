@@ -50,7 +50,9 @@ def _patch_on_import() -> None:
 
     if disabled():
         return
-    call_after_import("xtuner.model", lambda _module: patch())
+    from .patch import patch_on_import
+
+    call_after_import("xtuner.model", lambda _module: patch_on_import())
 
 
 _patch_on_import()

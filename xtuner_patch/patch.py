@@ -61,6 +61,9 @@ class _State:
     # (module object, attribute name, original value) for everything replaced.
     replaced: list = []
     logged_for: Optional[KernelSwitches] = None
+    # Set while patch() imports XTuner, whose import hook (see patch_on_import) must not
+    # patch again under it.
+    importing_xtuner = False
 
 
 def _is_xtuner_train_function(obj, name: str) -> bool:
@@ -105,15 +108,20 @@ def patch(*, attention: Optional[bool] = None, rope: Optional[bool] = None,
     switches = KernelSwitches.resolve(attention=attention, rope=rope, rms_norm=rms_norm,
                                       fused_residual=fused_residual, swiglu=swiglu,
                                       cross_entropy=cross_entropy)
+    # Imported before the lock is taken: the first import of xtuner.model runs the hook
+    # `import xtuner_patch` left, which would otherwise wait for this very lock.
+    _State.importing_xtuner = True
+    try:
+        import xtuner.model  # noqa: F401  (binds dispatch_modules in sft/reward/llava)
+        import xtuner.model.modules.dispatch as xtuner_dispatch
+    finally:
+        _State.importing_xtuner = False
     with _State.lock:
         if _State.switches == switches:
             _refresh_late_bindings()
             return switches
         if _State.switches is not None:
             _unpatch_locked()
-        import xtuner.model  # noqa: F401  (binds dispatch_modules in sft/reward/llava)
-        import xtuner.model.modules.dispatch as xtuner_dispatch
-
         from .dispatch import make_dispatch_modules
 
         stock = xtuner_dispatch.dispatch_modules
@@ -124,6 +132,14 @@ def patch(*, attention: Optional[bool] = None, rope: Optional[bool] = None,
         _refresh_late_bindings()
         _log_once(switches)
     return switches
+
+
+def patch_on_import() -> None:
+    """What ``import xtuner_patch`` runs once ``xtuner.model`` is imported: :func:`patch`
+    with the environment's switches, unless a :func:`patch` call is the importer (it
+    applies its own switches next)."""
+    if not _State.importing_xtuner:
+        patch()
 
 
 def _refresh_late_bindings() -> None:
