@@ -57,7 +57,9 @@ run_step() {  # name limit command...: runs within both its own limit and what i
   [ "$limit" -gt "$left" ] && limit=$left
   if [ "$limit" -le 10 ]; then echo "gpu-check: $name skipped (time budget spent)"; status=1; return; fi
   echo "=== gpu-check: $name (limit ${limit}s) ==="
-  timeout "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
+  # SIGINT first: pytest then ends the session normally, and pytest-benchmark still writes
+  # the JSON of the cases that finished.
+  timeout -s INT -k 30 "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "gpu-check: $name exit status $rc"
   [ "$rc" = 0 ] || status=1
@@ -65,9 +67,10 @@ run_step() {  # name limit command...: runs within both its own limit and what i
 
 run_step gpu-tests "${GPU_TEST_TIMEOUT:-150}" \
   "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$RESULTS/gpu-tests.xml"
-# One pytest run (and JSON file) per benchmark family, most important first, so that a
-# family cut by the time limit does not lose the others' results.
-for family in ${BENCH_FAMILIES:-varlen_attention train_step rms_norm rotary cross_entropy swiglu sequence_parallel}; do
+# One pytest run (and JSON file) per benchmark family, most important first (the whole
+# training step, then the families never timed on a GPU before RMSNorm and RoPE), so that
+# a family cut by the time limit does not take the others' time.
+for family in ${BENCH_FAMILIES:-train_step varlen_attention cross_entropy swiglu sequence_parallel rms_norm rotary}; do
   run_step "bench-$family" "${BENCH_TIMEOUT:-150}" \
     "$PY" -m pytest "benchmarks/test_bench_$family.py" --benchmark-only -q -p no:cacheprovider \
     ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-json="$RESULTS/bench-$family.json"
