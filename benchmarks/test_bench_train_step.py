@@ -14,24 +14,48 @@ MessageHub, exactly as ``VarlenAttnArgsToMessageHubHook`` leaves them.
 Reported: tokens/s (``throughput``), model TFLOP/s (6 x non-embedding parameters x
 tokens, plus the causal attention FLOPs per sample and the LM head; recomputation
 under checkpointing not counted) and peak memory of the step.
+
+Without CUDA the same code runs the tiny InternLM2 in fp32 on a 256-token row (ours
+under the Triton interpreter), with the float64-tested PyTorch reference of varlen
+attention standing in for FA2 in XTuner's path (``xtuner-stock-reference-attn``): the
+times mean nothing, but every line the GPU run takes is exercised before a GPU is
+spent on it (``tests/test_benchmark_train_step.py`` runs it that way).
 """
 
 import pytest
 import torch
 
-from benchmarks.conftest import OURS, measure, requires_cuda, skip_missing
+from benchmarks.conftest import HAS_CUDA, OURS, measure, skip_missing
 from benchmarks.workloads import packed_lengths
 
-STOCK = "xtuner-stock-fa2"
-TOKENS = 32768
-MODELS = {"internlm2-1.8b": ("1_8b", {}), "internlm2-7b-4layers": ("7b", {"num_hidden_layers": 4})}
+if HAS_CUDA:
+    STOCK = "xtuner-stock-fa2"
+    DEVICE, DTYPE, DTYPE_NAME, TOKENS = "cuda", torch.bfloat16, "bf16", 32768
+    MODELS = {"internlm2-1.8b": ("1_8b", {}),
+              "internlm2-7b-4layers": ("7b", {"num_hidden_layers": 4})}
+else:
+    STOCK = "xtuner-stock-reference-attn"
+    DEVICE, DTYPE, DTYPE_NAME, TOKENS = "cpu", torch.float32, "fp32", 256
+    MODELS = {"internlm2-tiny": ("tiny", {})}
+
+
+def _stock_varlen_attention():
+    """The flash_attn_varlen_func XTuner's path gets here, or why there is none."""
+    if not HAS_CUDA:
+        from kernels.reference import varlen_attn_reference
+
+        def reference(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale=None):
+            out = varlen_attn_reference(q, k, v, cu_q, cu_k, softmax_scale, causal)[0]
+            return out.to(q.dtype)
+        return reference, ""
+    from tests.baselines import fa2_unavailable_reason, fa2_varlen
+
+    return fa2_varlen, fa2_unavailable_reason()
 
 
 def _stock_fa2_available():
     """Make XTuner's varlen attention module call an FA2 kernel; '' or why it cannot."""
-    from tests.baselines import fa2_unavailable_reason, fa2_varlen
-
-    reason = fa2_unavailable_reason()
+    fa2_varlen, reason = _stock_varlen_attention()
     if reason:
         return reason
     import xtuner.model.modules.dispatch as dispatch
@@ -59,8 +83,8 @@ def _model(preset: str, overrides: dict):
         preset, attn_implementation="flash_attention_2", **overrides))
     config.use_cache = False
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = InternLM2ForCausalLM(config).to(torch.bfloat16)
+    with torch.device(DEVICE):
+        model = InternLM2ForCausalLM(config).to(DTYPE)
     model.gradient_checkpointing_enable()
     model.train()
     return model
@@ -78,10 +102,26 @@ def _model_flops(config, lengths) -> float:
     return dense + attention
 
 
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    """A process group of this process alone, as ``xtuner train`` has: XTuner's varlen
+    attention forward asks for its rank."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    store = tmp_path_factory.mktemp("one-rank") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("impl", [OURS, STOCK])
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_train_step(benchmark, model_name, impl):
-    requires_cuda()
+def test_train_step(benchmark, one_rank_group, model_name, impl):
     pytest.importorskip("xtuner.model", reason="needs xtuner (make gpu-wheels)")
     from mmengine import MessageHub
 
@@ -100,14 +140,14 @@ def test_train_step(benchmark, model_name, impl):
         preset, overrides = MODELS[model_name]
         model = _model(preset, overrides)
         dispatch.dispatch_modules(model, use_varlen_attn=True)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=HAS_CUDA)
 
         lengths = packed_lengths("sft-lognormal", TOKENS)
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        input_ids = torch.randint(3, model.config.vocab_size, (1, TOKENS), device="cuda",
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
+        input_ids = torch.randint(3, model.config.vocab_size, (1, TOKENS), device=DEVICE,
                                   generator=gen)
-        position_ids = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
-        cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+        position_ids = torch.cat([torch.arange(n, device=DEVICE) for n in lengths])[None]
+        cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
         hub = MessageHub.get_instance("varlen_attn_args")
         hub.update_info("cumulative_len_rank_0", cu)
         hub.update_info("max_seqlen_rank_0", max(lengths))
@@ -120,11 +160,13 @@ def test_train_step(benchmark, model_name, impl):
             optimizer.zero_grad(set_to_none=True)
 
         step()  # compile, autotune, allocate optimizer state
-        torch.cuda.synchronize()
+        if HAS_CUDA:
+            torch.cuda.synchronize()
         case = {"bench": "train_step", "model": model_name, "tokens": TOKENS,
-                "mix": "sft-lognormal", "dtype": "bf16", "checkpointing": True}
+                "mix": "sft-lognormal", "dtype": DTYPE_NAME, "checkpointing": True}
         measure(benchmark, step, impl=impl, case=case,
-                flops=_model_flops(model.config, lengths), rounds=5, warmup_rounds=1)
+                flops=_model_flops(model.config, lengths), rounds=5 if HAS_CUDA else 1,
+                warmup_rounds=1 if HAS_CUDA else 0)
         median = benchmark.stats.stats.median
         benchmark.extra_info.update(throughput=TOKENS / median, throughput_unit="tokens/s")
     finally:
