@@ -17,15 +17,17 @@ their gradients are 0.
 Work decomposition: the host turns the sequence lengths (which validating
 ``cu_seqlens`` already brought to the CPU) into a list of work items
 ``(sequence, 128-row unit)``, sorted longest-running first, and launches one program
-per item and head.  Validation and work lists are built once per ``cu_seqlens`` pair
-and reused while the same unmodified tensors come back (:class:`TensorMemo`): every
-layer of a model attends over the same packing within a step, so only the first
-layer's forward synchronises with the device.  Work is thus bounded by each sequence's own length: no program
+per item and head.  Work is thus bounded by each sequence's own length: no program
 exists for the padding of short sequences, none looks at another sequence's keys.
 Inside an item, the tile size chosen by the autotuner (64 or 128 rows) walks the
 unit.  In the forward and dQ kernels, key blocks are split into those every row of
 the tile sees (no mask) and those on the causal diagonal or the sequence's end
 (masked); causal tiles stop at the diagonal.
+
+Validation and work lists are built once per ``cu_seqlens`` pair and reused while the
+same unmodified tensors come back (:class:`~kernels._runtime.TensorMemo`): the layers of
+a model attend over one packing within a step, so only the first layer's forward
+synchronises with the device.
 
 Backward: ``delta = rowsum(dO * O)`` first, then one kernel per (kv head, key unit)
 that loads its K/V tile once and accumulates dK and dV over the ``hq // hkv`` query
@@ -68,8 +70,8 @@ def _configs(gpu, interp):
 # (BLOCK_M, BLOCK_N, num_warps, num_stages).  Forward and dQ: BLOCK_M query rows per
 # tile, BLOCK_N keys per step; dK/dV: BLOCK_N keys per tile, BLOCK_M query rows per
 # step.  Picked from sm_90 compiles (ptxas -v, head_dim 128, triton 3.6 and 3.8): in
-# bf16/fp16 none spills more than a few dozen bytes.  The first of each list also fits fp32 tiles in shared memory (it is the
-# one XTUNER_PATCH_AUTOTUNE=0 keeps).  The interpreter uses small tiles so that short
+# bf16/fp16 none spills more than a few dozen bytes.  The first of each list also fits
+# fp32 tiles in shared memory (it is the one XTUNER_PATCH_AUTOTUNE=0 keeps).  The interpreter uses small tiles so that short
 # test sequences still cover several blocks, the unmasked loops and the masked ones.
 _FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3)],
                         (32, 32))
