@@ -15,12 +15,19 @@ Reported: tokens/s (``throughput``), model TFLOP/s (6 x non-embedding parameters
 tokens, plus the causal attention FLOPs per sample and the LM head; recomputation
 under checkpointing not counted) and peak memory of the step.
 
+With ``XTUNER_PATCH_PROFILE_DIR`` set (``make gpu-check`` sets it to the results folder),
+one more step of each case runs under ``torch.profiler`` and its operators, by device
+time, go to ``train_step-<model>-<impl>.txt`` there: where the time of each path goes.
+
 Without CUDA the same code runs the tiny InternLM2 in fp32 on a 256-token row (ours
 under the Triton interpreter), with the float64-tested PyTorch reference of varlen
 attention standing in for FA2 in XTuner's path (``xtuner-stock-reference-attn``): the
 times mean nothing, but every line the GPU run takes is exercised before a GPU is
 spent on it (``tests/test_benchmark_train_step.py`` runs it that way).
 """
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +109,20 @@ def _model_flops(config, lengths) -> float:
     return dense + attention
 
 
+def _write_profile(step, path: Path) -> None:
+    """One ``step()`` under the profiler: its operators by self time, device time on a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if HAS_CUDA else [])
+    with profile(activities=activities) as prof:
+        step()
+        if HAS_CUDA:
+            torch.cuda.synchronize()
+    sort_by = "self_device_time_total" if HAS_CUDA else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70)
+    path.write_text(table)
+
+
 @pytest.fixture(scope="module")
 def one_rank_group(tmp_path_factory):
     """A process group of this process alone, as ``xtuner train`` has: XTuner's varlen
@@ -169,6 +190,9 @@ def test_train_step(benchmark, one_rank_group, model_name, impl):
                 warmup_rounds=1 if HAS_CUDA else 0)
         median = benchmark.stats.stats.median
         benchmark.extra_info.update(throughput=TOKENS / median, throughput_unit="tokens/s")
+        profile_dir = os.environ.get("XTUNER_PATCH_PROFILE_DIR")
+        if profile_dir:
+            _write_profile(step, Path(profile_dir) / f"train_step-{model_name}-{impl}.txt")
     finally:
         hub = MessageHub.get_instance("varlen_attn_args")
         hub.update_info("cumulative_len_rank_0", None)

@@ -70,6 +70,7 @@ run_step gpu-tests "${GPU_TEST_TIMEOUT:-150}" \
 # One pytest run (and JSON file) per benchmark family, most important first (the whole
 # training step, then the families never timed on a GPU before RMSNorm and RoPE), so that
 # a family cut by the time limit does not take the others' time.
+export XTUNER_PATCH_PROFILE_DIR=$RESULTS  # the training step's per-operator profiles
 for family in ${BENCH_FAMILIES:-train_step varlen_attention cross_entropy swiglu sequence_parallel rms_norm rotary}; do
   run_step "bench-$family" "${BENCH_TIMEOUT:-150}" \
     "$PY" -m pytest "benchmarks/test_bench_$family.py" --benchmark-only -q -p no:cacheprovider \

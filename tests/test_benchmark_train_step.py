@@ -22,10 +22,12 @@ def test_train_step_benchmark_runs_without_a_gpu(tmp_path):
         [sys.executable, "-m", "pytest", "benchmarks/test_bench_train_step.py",
          "--benchmark-only", "-q", "-p", "no:cacheprovider", f"--benchmark-json={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES="", XTUNER_PATCH_PROFILE_DIR=str(tmp_path)))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     benchmarks = json.loads(out.read_text())["benchmarks"]
     runs = {b["extra_info"]["impl"]: b["extra_info"] for b in benchmarks}
     assert set(runs) == {"xtuner-patch", "xtuner-stock-reference-attn"}
-    for info in runs.values():
+    for impl, info in runs.items():
         assert info["throughput"] > 0 and info["tokens"] == 256
+        profile = (tmp_path / f"train_step-internlm2-tiny-{impl}.txt").read_text()
+        assert "aten::mm" in profile
