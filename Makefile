@@ -13,7 +13,7 @@ PKG_SOURCES := $(shell find kernels xtuner_patch -name '*.py') setup.py pyprojec
 	xtuner-patch.pth _xtuner_patch_autoload.py
 DEMO := .cache/demo
 
-.PHONY: venv demo test bench gpu-check gpu-wheels clean
+.PHONY: venv demo test bench compile-check gpu-check gpu-wheels clean
 
 venv: $(PKG_STAMP)
 
@@ -48,6 +48,10 @@ bench: $(PKG_STAMP)
 	$(PY) -m pytest benchmarks/ --benchmark-only
 
 # On the GPU host (system python3 with torch + triton; no venv, no network).
+# Every kernel through the real GPU compiler for sm_90, offline (no GPU needed).
+compile-check: $(PKG_STAMP)
+	env -u TRITON_INTERPRET $(PY) scripts/compile_check.py
+
 gpu-check:
 	bash scripts/gpu_check.sh
 
