@@ -9,7 +9,11 @@ xtuner-patch vs XTuner (see ``benchmarks/sp_exchange.py`` for what each step doe
   the RoPE kernel instead (``pack_qkv_rotary``), which takes the pack out of this step.
   ``extra_info`` holds each implementation's bytes per layer forward
   (``bytes_q/k/v/out``), checked against the shapes: our K and V bytes are a quarter of
-  XTuner's.  Throughputs count our bytes for both (what the exchange needs).
+  XTuner's.  Throughputs count our bytes for both (what the exchange needs).  One GPU
+  cannot time an all-to-all between GPUs, so each GPU row also records
+  ``layout_share_of_nvlink_a2a_estimate``: its time over the time the all-to-alls
+  would take at best, sending the bytes bound for other ranks at
+  :data:`NVLINK_BYTES_PER_S` (a model, not a measurement).
 - ``sp_gloo_fwd_bwd`` (sp 2, CPU): the same with the real all-to-alls over gloo, this
   process being rank 0 and ``python -m benchmarks.sp_exchange`` rank 1;
   ``all-to-all`` moves our bytes with nothing else, so ``xtuner-patch`` minus it is
@@ -33,6 +37,9 @@ from kernels.sp_layout import split_heads
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 32768 if HAS_CUDA else 8192  # a whole row; each rank holds SEQ_LEN / sp tokens
 ITEMSIZE = torch.finfo(DTYPE).bits // 8
+# An H100 SXM's NVLink 4 bandwidth in one direction (18 links x 25 GB/s): the fastest
+# an all-to-all can send a GPU's bytes to the others.
+NVLINK_BYTES_PER_S = 450e9
 
 
 def _xtuner():
@@ -70,6 +77,11 @@ def test_sp_layout_fwd_bwd(benchmark, sp, impl):
                 bytes_moved=2 * sum(_expected_bytes(OURS, sp, tokens).values()),
                 rounds=None if HAS_CUDA else 10)
     benchmark.extra_info.update({f"bytes_{k}": v for k, v in expected.items()})
+    if HAS_CUDA:
+        # Forward and backward; a rank keeps its own chunk.
+        remote_bytes = 2 * sum(expected.values()) * (sp - 1) / sp
+        benchmark.extra_info["layout_share_of_nvlink_a2a_estimate"] = (
+            benchmark.stats.stats.median / (remote_bytes / NVLINK_BYTES_PER_S))
     if impl == OURS:
         xtuner = _expected_bytes("xtuner", sp, tokens)
         assert 4 * expected["k"] == xtuner["k"] and 4 * expected["v"] == xtuner["v"]
