@@ -8,6 +8,7 @@ the test-suite runs on machines without a GPU.
 import collections
 import functools
 import os
+import threading
 from typing import Callable, Hashable, Iterable, Optional, Sequence
 
 import torch
@@ -126,11 +127,13 @@ class TensorMemo:
     writes through PyTorch bump it) and the extra key is equal.  Writes that bypass the
     counter (``.data``, NumPy views) are not seen.  Inference-mode tensors have no counter
     and are never memoised.  The ``size`` most recently used entries are kept.
+    Thread-safe.
     """
 
     def __init__(self, size: int = 8):
         self._size = size
         self._entries = collections.OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, tensors: Sequence[torch.Tensor], extra: Hashable, compute: Callable):
         """``compute()``, or its value from an earlier call with the same tensors and ``extra``."""
@@ -138,19 +141,18 @@ class TensorMemo:
             return compute()
         key = tuple(id(t) for t in tensors) + (extra,)
         versions = tuple(t._version for t in tensors)
-        entry = self._entries.get(key)
-        if entry is not None and entry[1] == versions:
-            self._entries.move_to_end(key)
-            return entry[2]
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[1] == versions:
+                self._entries.move_to_end(key)
+                return entry[2]
         value = compute()
-        self._entries[key] = (tuple(tensors), versions, value)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = (tuple(tensors), versions, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
         return value
-
-    def clear(self) -> None:
-        self._entries.clear()
 
 
 def multiprocessor_count(device: torch.device) -> int:

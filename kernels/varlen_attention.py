@@ -71,8 +71,10 @@ def _configs(gpu, interp):
 # tile, BLOCK_N keys per step; dK/dV: BLOCK_N keys per tile, BLOCK_M query rows per
 # step.  Picked from sm_90 compiles (ptxas -v, head_dim 128, triton 3.6 and 3.8): in
 # bf16/fp16 none spills more than a few dozen bytes.  The first of each list also fits
-# fp32 tiles in shared memory (it is the one XTUNER_PATCH_AUTOTUNE=0 keeps).  The interpreter uses small tiles so that short
-# test sequences still cover several blocks, the unmasked loops and the masked ones.
+# fp32 tiles in shared memory (it is the one XTUNER_PATCH_AUTOTUNE=0 keeps); the
+# tests run scripts/compile_check.py on all of them.  The interpreter uses small tiles
+# so that short test sequences still cover several blocks, the unmasked loops and the
+# masked ones.
 _FWD_CONFIGS = _configs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3)],
                         (32, 32))
 _DKDV_CONFIGS = _configs([(32, 64, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3)],
