@@ -7,7 +7,8 @@ Usage::
 
 Within one ``benchmark.group`` (one workload), the row of ``xtuner-patch`` is compared
 with every other implementation: ``speed-up = baseline median / ours median`` (> 1
-means ours is faster) and ``memory = ours peak / baseline peak``.
+means ours is faster) and ``memory = ours peak / baseline peak``.  ``targets.md``
+holds the verdicts of the issues' targets (:mod:`benchmarks.targets`).
 """
 
 import argparse
@@ -16,7 +17,7 @@ import os
 import sys
 from collections import OrderedDict
 
-OURS = "xtuner-patch"
+from benchmarks.targets import OURS, evaluate
 
 
 def _row(group, name, extra, median):
@@ -69,6 +70,15 @@ def ratio_table(rows) -> str:
                 speedup = f"{row['median_s'] / ours['median_s']:.2f}x"
             lines.append(f"| {group} | {row['impl']} | {row['median_s'] * 1e3:.3f} ms | "
                          f"{_fmt_rate(row['extra'])} | {_fmt_mem(row['extra'])} | {speedup} |")
+    return "\n".join(lines)
+
+
+def targets_table(rows) -> str:
+    """A markdown table of the issues' targets judged on these rows (:mod:`benchmarks.targets`)."""
+    lines = ["| issue | case | target | value | met |", "| ---: | --- | --- | ---: | :---: |"]
+    for v in evaluate(_group(rows)):
+        lines.append(f"| #{v['issue']} | {v['case']} | {v['target']} | {v['value']:.3g} | "
+                     f"{'yes' if v['met'] else 'no'} |")
     return "\n".join(lines)
 
 
@@ -144,6 +154,8 @@ def write_report(json_paths, out_dir, title=None):
     md_path = os.path.join(out_dir, "results.md")
     with open(md_path, "w") as f:
         f.write(f"# {header}\n\nRun: {', '.join(r for r in runs if r)}\n\n{ratio_table(rows)}\n")
+    with open(os.path.join(out_dir, "targets.md"), "w") as f:
+        f.write(f"# Targets of the issues: {header}\n\n{targets_table(rows)}\n")
     plots = plot_speedups(rows, out_dir)
     return md_path, plots
 

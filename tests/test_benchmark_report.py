@@ -44,3 +44,7 @@ def test_speedup_curves_and_files(tmp_path):
     md, plots = write_report(str(path), str(tmp_path / "out"))
     assert "| attn_fwd tokens=32768 | fa2 |" in open(md).read()
     assert plots and all(p.endswith(".png") for p in plots)
+    # 1.5x and 1.2x over FA2 against the forward's 1.2x target.
+    targets = (tmp_path / "out" / "targets.md").read_text()
+    assert "| #3 | attn_fwd tokens=8192 | speed-up over FA2 >= 1.2 | 1.5 | yes |" in targets
+    assert "| #3 | attn_fwd tokens=32768 | speed-up over FA2 >= 1.2 | 1.2 | yes |" in targets

@@ -1,0 +1,112 @@
+"""The speed and memory targets of the issues, checked against benchmark results.
+
+Each :class:`Target` names a benchmark family (``extra_info["bench"]``), a value read
+from one case's rows (ours against a baseline of the same case, or a number ours
+recorded) and the bound the issue sets.  :func:`evaluate` applies every target to every
+case that has the rows it needs; cases without them (a baseline not installed, a family
+not run) are left out rather than counted as met or missed.  ``benchmarks.report``
+writes the verdicts to ``targets.md`` next to ``results.md``.  Row dicts are the
+report's: ``impl``, ``median_s`` and the benchmark's ``extra`` info.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+OURS = "xtuner-patch"
+
+
+def _row(members, impl):
+    return next((r for r in members if r["impl"] == impl), None)
+
+
+def speedup_over(impl: str) -> Callable:
+    """Baseline median / our median (> 1: ours is faster)."""
+    def value(ours, members):
+        base = _row(members, impl)
+        return None if base is None else base["median_s"] / ours["median_s"]
+    return value
+
+
+def memory_share_of(impl: str) -> Callable:
+    """Our peak memory / the baseline's."""
+    def value(ours, members):
+        base = _row(members, impl)
+        if base is None or not base["extra"].get("peak_mem_bytes"):
+            return None
+        mine = ours["extra"].get("peak_mem_bytes")
+        return None if mine is None else mine / base["extra"]["peak_mem_bytes"]
+    return value
+
+
+def recorded(key: str, impl: str = OURS) -> Callable:
+    """A number a benchmark recorded in ``extra_info`` on ``impl``'s row."""
+    def value(ours, members):
+        row = _row(members, impl)
+        return None if row is None else row["extra"].get(key)
+    return value
+
+
+@dataclass(frozen=True)
+class Target:
+    issue: int
+    bench: str
+    what: str
+    value: Callable
+    bound: float
+    at_least: bool  # the value must be >= bound (else <= bound)
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.at_least else value <= self.bound
+
+    def describe(self) -> str:
+        return f"{self.what} {'>=' if self.at_least else '<='} {self.bound:g}"
+
+
+FA2, STOCK, HF = "fa2", "xtuner-stock-fa2", "hf-pytorch"
+TARGETS = [
+    Target(3, "attn_fwd", "speed-up over FA2", speedup_over(FA2), 1.2, True),
+    Target(3, "attn_bwd", "speed-up over FA2", speedup_over(FA2), 1.0, True),
+    Target(3, "attn_fwd_bwd", "speed-up over FA2", speedup_over(FA2), 1.1, True),
+    Target(4, "rms_norm_fwd_bwd", "share of copy bandwidth", recorded("copy_share"), 0.85, True),
+    Target(4, "rms_norm_fwd_bwd", "speed-up over XTuner's Triton RMSNorm",
+           speedup_over("xtuner-triton"), 1.3, True),
+    Target(4, "rope_fwd_bwd", "share of copy bandwidth", recorded("copy_share"), 0.85, True),
+    Target(4, "rope_fwd_bwd", "speed-up over HF", speedup_over(HF), 3.0, True),
+    Target(5, "train_step", "tokens/s over XTuner's stock path", speedup_over(STOCK), 1.3, True),
+    Target(5, "train_step", "peak memory / XTuner's stock path", memory_share_of(STOCK), 1.0,
+           False),
+    Target(6, "sp_layout_fwd_bwd", "layout time / modelled NVLink all-to-all",
+           recorded("layout_share_of_nvlink_a2a_estimate"), 0.10, False),
+    Target(6, "sp_gloo_fwd_bwd", "layout time / measured gloo all-to-all",
+           recorded("layout_share_of_ours", "all-to-all"), 0.10, False),
+    Target(8, "linear_cross_entropy_fwd_bwd", "peak memory / HF's", memory_share_of(HF), 0.15,
+           False),
+    Target(8, "linear_cross_entropy_fwd_bwd", "time / HF's",
+           lambda ours, members: _inverse(speedup_over(HF)(ours, members)), 1.1, False),
+    Target(8, "swiglu_fwd_bwd", "share of copy bandwidth", recorded("copy_share"), 0.85, True),
+]
+
+
+def _inverse(x: Optional[float]) -> Optional[float]:
+    return None if x is None else 1.0 / x
+
+
+def evaluate(groups, targets=TARGETS) -> List[dict]:
+    """``[{issue, case, target, value, met}]`` for every target a case can be judged on.
+
+    ``groups``: ``{case: [rows of its implementations]}`` as :mod:`benchmarks.report`
+    builds them.
+    """
+    verdicts = []
+    for case, members in groups.items():
+        ours = _row(members, OURS)
+        if ours is None:
+            continue
+        for target in targets:
+            if ours["extra"].get("bench") != target.bench:
+                continue
+            value = target.value(ours, members)
+            if value is not None:
+                verdicts.append(dict(issue=target.issue, case=case, target=target.describe(),
+                                     value=value, met=target.met(value)))
+    return sorted(verdicts, key=lambda v: v["issue"])

@@ -1,0 +1,53 @@
+"""benchmarks.targets: the issues' targets judged on benchmark rows."""
+
+from benchmarks.targets import TARGETS, Target, evaluate, recorded, speedup_over
+
+
+def _row(impl, median, bench, **extra):
+    return {"impl": impl, "median_s": median, "extra": {"bench": bench, **extra}}
+
+
+def _verdicts(*rows, case="case"):
+    return evaluate({case: list(rows)})
+
+
+def test_speed_and_memory_against_a_baseline():
+    verdicts = _verdicts(
+        _row("xtuner-patch", 1.0, "train_step", peak_mem_bytes=90),
+        _row("xtuner-stock-fa2", 1.2, "train_step", peak_mem_bytes=100))
+    (speed, memory) = sorted(verdicts, key=lambda v: v["target"])[::-1]
+    assert speed["target"].startswith("tokens/s") and abs(speed["value"] - 1.2) < 1e-12
+    assert not speed["met"]  # 1.2x < 1.3x
+    assert abs(memory["value"] - 0.9) < 1e-12 and memory["met"]
+
+
+def test_cross_entropy_time_is_ours_over_hf():
+    verdicts = _verdicts(
+        _row("xtuner-patch", 1.05, "linear_cross_entropy_fwd_bwd", peak_mem_bytes=10),
+        _row("hf-pytorch", 1.0, "linear_cross_entropy_fwd_bwd", peak_mem_bytes=100))
+    by_target = {v["target"]: v for v in verdicts}
+    assert by_target["time / HF's <= 1.1"]["met"]
+    assert abs(by_target["time / HF's <= 1.1"]["value"] - 1.05) < 1e-12
+    assert by_target["peak memory / HF's <= 0.15"]["met"]
+
+
+def test_values_recorded_on_another_row():
+    verdicts = _verdicts(_row("xtuner-patch", 2.0, "sp_gloo_fwd_bwd"),
+                         _row("all-to-all", 1.0, "sp_gloo_fwd_bwd", layout_share_of_ours=1.0))
+    (v,) = verdicts
+    assert v["issue"] == 6 and v["value"] == 1.0 and not v["met"]
+
+
+def test_cases_without_what_a_target_needs_are_left_out():
+    assert _verdicts(_row("xtuner-patch", 1.0, "attn_fwd")) == []  # no FA2 row
+    assert _verdicts(_row("fa2", 1.0, "attn_fwd")) == []  # no row of ours
+    assert _verdicts(_row("xtuner-patch", 1.0, "unknown"), _row("fa2", 2.0, "unknown")) == []
+
+
+def test_bounds_and_descriptions():
+    at_least = Target(1, "b", "x", speedup_over("fa2"), 1.1, True)
+    at_most = Target(1, "b", "y", recorded("share"), 0.1, False)
+    assert at_least.met(1.1) and not at_least.met(1.09)
+    assert at_most.met(0.1) and not at_most.met(0.11)
+    assert at_least.describe() == "x >= 1.1" and at_most.describe() == "y <= 0.1"
+    assert {t.issue for t in TARGETS} == {3, 4, 5, 6, 8}
