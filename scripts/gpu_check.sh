@@ -88,7 +88,7 @@ run_step kernel-tests "${KERNEL_TEST_TIMEOUT:-90}" env XTUNER_PATCH_AUTOTUNE=0 \
 
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/results.tar.gz" "$RESULTS"
-  for f in results.md environment.txt gpu-tests.log kernel-tests.log; do
+  for f in results.md targets.md environment.txt gpu-tests.log kernel-tests.log; do
     [ -f "$RESULTS/$f" ] && cp "$RESULTS/$f" "$OUT/"
   done
 fi
