@@ -47,6 +47,11 @@ def randn(shape, dtype=torch.float32, device=DEVICE, generator=None, scale=1.0):
     return (out * scale).to(dtype)
 
 
+def leaf(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of ``tensor`` that is a fresh autograd leaf (its own ``.grad``)."""
+    return tensor.detach().clone().requires_grad_()
+
+
 def poison(tensor: torch.Tensor) -> torch.Tensor:
     """Fill ``tensor`` in place with NaN (or the int minimum) and return it."""
     if tensor.is_floating_point():

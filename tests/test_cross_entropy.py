@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from kernels import fused_linear_cross_entropy
 from kernels.reference import linear_cross_entropy_reference
-from tests.helpers import DEVICE, DTYPES, HAS_CUDA, REL_TOL, assert_rel_close, randn, rel_error
+from tests.helpers import (DEVICE, DTYPES, HAS_CUDA, REL_TOL, assert_rel_close, leaf, randn,
+                           rel_error)
 
 IGNORE = -100
 
@@ -190,7 +191,7 @@ def test_bf16_on_gpu_at_internlm2_vocab(gen, chunk, mode):
                                       grad_weight_mode=mode)
     loss.backward()
     ref_loss, ref_dh, ref_dw = _float64_grads(hidden, weight, labels, False)
-    h, w = (t.detach().clone().requires_grad_() for t in (hidden, weight))
+    h, w = leaf(hidden), leaf(weight)
     hf = F.cross_entropy((h @ w.t()).float(), labels, ignore_index=IGNORE)
     hf.backward()
     for name, ours, theirs, ref in (("loss", loss, hf, ref_loss),

@@ -6,7 +6,7 @@ import torch
 from kernels import rms_norm
 from kernels.reference import rms_norm_reference
 from kernels.rms_norm import MAX_FUSED_HIDDEN
-from tests.helpers import DEVICE, DTYPES, assert_rel_close, randn
+from tests.helpers import DEVICE, DTYPES, assert_rel_close, leaf, randn
 
 
 @pytest.fixture
@@ -19,10 +19,6 @@ def hf_norm():
 def _weight(hidden, dtype, gen):
     # Around one, never exactly one, so a kernel that ignores it fails.
     return (1.0 + 0.2 * randn(hidden, generator=gen)).to(dtype)
-
-
-def _leaf(t):
-    return t.detach().clone().requires_grad_()
 
 
 def _hf_forward_backward(hf_norm, x, weight, eps, dy):
@@ -41,8 +37,8 @@ def _hf_forward_backward(hf_norm, x, weight, eps, dy):
                          ids=["96", "3d-1000", "wide-16384", "many-rows-64"])
 def test_matches_internlm2(hf_norm, gen, dtype, shape):
     eps = 1e-5
-    x = _leaf(randn(shape, dtype, generator=gen))
-    w = _leaf(_weight(shape[-1], dtype, gen))
+    x = leaf(randn(shape, dtype, generator=gen))
+    w = leaf(_weight(shape[-1], dtype, gen))
     y = rms_norm(x, w, eps)
     assert y.dtype == dtype and y.shape == x.shape
     dy = randn(shape, dtype, generator=gen)
@@ -56,8 +52,8 @@ def test_matches_internlm2(hf_norm, gen, dtype, shape):
 
 def test_fp32_weight_promotes_output_like_internlm2(hf_norm, gen):
     """InternLM2 multiplies an fp32 weight by the fp16-rounded normalised value: fp32 out."""
-    x = _leaf(randn((5, 200), torch.float16, generator=gen))
-    w = _leaf(_weight(200, torch.float32, gen))
+    x = leaf(randn((5, 200), torch.float16, generator=gen))
+    w = leaf(_weight(200, torch.float32, gen))
     y = rms_norm(x, w, 1e-6)
     assert y.dtype == torch.float32
     dy = randn(y.shape, torch.float32, generator=gen)
@@ -73,13 +69,13 @@ def test_fp32_weight_promotes_output_like_internlm2(hf_norm, gen):
 @pytest.mark.parametrize("used", ["both", "normed", "sum"])
 def test_residual_variant(gen, dtype, used):
     shape, eps = (3, 7, 160), 1e-6
-    x = _leaf(randn(shape, dtype, generator=gen))
-    r = _leaf(randn(shape, dtype, generator=gen))
-    w = _leaf(_weight(shape[-1], dtype, gen))
+    x = leaf(randn(shape, dtype, generator=gen))
+    r = leaf(randn(shape, dtype, generator=gen))
+    w = leaf(_weight(shape[-1], dtype, gen))
     y, s = rms_norm(x, w, eps, residual=r)
     assert y.shape == s.shape == shape and s.dtype == dtype
 
-    x64, r64, w64 = (_leaf(t.double()) for t in (x, r, w))
+    x64, r64, w64 = (leaf(t.double()) for t in (x, r, w))
     ref_y, ref_s = rms_norm_reference(x64, w64, eps, residual=r64)
     assert_rel_close(y, ref_y, name="normed")
     assert_rel_close(s, ref_s, name="sum")
@@ -100,8 +96,8 @@ def test_residual_variant(gen, dtype, used):
 
 def test_weight_gradient_is_deterministic(gen):
     """Several backward programs, each a fixed chunk of rows; no atomics: bitwise equal."""
-    x = _leaf(randn((203, 96), torch.float32, generator=gen))
-    w = _leaf(_weight(96, torch.float32, gen))
+    x = leaf(randn((203, 96), torch.float32, generator=gen))
+    w = leaf(_weight(96, torch.float32, gen))
     dy = randn((203, 96), torch.float32, generator=gen)
     grads = []
     for _ in range(2):
@@ -110,18 +106,18 @@ def test_weight_gradient_is_deterministic(gen):
         grads.append((x.grad.clone(), w.grad.clone()))
     assert torch.equal(grads[0][0], grads[1][0])
     assert torch.equal(grads[0][1], grads[1][1])
-    x64, w64 = _leaf(x.double()), _leaf(w.double())
+    x64, w64 = leaf(x.double()), leaf(w.double())
     rms_norm_reference(x64, w64).backward(dy.double())
     assert_rel_close(w.grad, w64.grad, name="dweight")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_in_place_input_gradient(gen, dtype):
-    x = _leaf(randn((9, 130), dtype, generator=gen))
-    w = _leaf(_weight(130, dtype, gen))
+    x = leaf(randn((9, 130), dtype, generator=gen))
+    w = leaf(_weight(130, dtype, gen))
     y = rms_norm(x, w, in_place_grad=True)
     dy = randn(y.shape, dtype, generator=gen)
-    x64 = _leaf(x.double())
+    x64 = leaf(x.double())
     rms_norm_reference(x64, w.double().detach()).backward(dy.double())
     dx, dw = torch.autograd.grad(y, [x, w], dy)
     assert dx.data_ptr() == dy.data_ptr(), "the input gradient was not written into dy"
@@ -131,13 +127,13 @@ def test_in_place_input_gradient(gen, dtype):
 
 def test_column_slice_rows_are_read_by_stride(gen):
     """Rows of a wider buffer (row stride > hidden) need no copy."""
-    wide = _leaf(randn((4, 5, 256), torch.float32, generator=gen))
+    wide = leaf(randn((4, 5, 256), torch.float32, generator=gen))
     x = wide[..., :200]
-    w = _leaf(_weight(200, torch.float32, gen))
+    w = leaf(_weight(200, torch.float32, gen))
     y = rms_norm(x, w)
     dy = randn(y.shape, generator=gen)
     y.backward(dy)
-    x64 = _leaf(x.detach().double())
+    x64 = leaf(x.detach().double())
     ref = rms_norm_reference(x64, w.double().detach())
     ref.backward(dy.double())
     assert_rel_close(y, ref, name="y")
@@ -146,8 +142,8 @@ def test_column_slice_rows_are_read_by_stride(gen):
 
 
 def test_zero_rows(gen):
-    x = _leaf(randn((0, 64), torch.float32, generator=gen))
-    w = _leaf(_weight(64, torch.float32, gen))
+    x = leaf(randn((0, 64), torch.float32, generator=gen))
+    w = leaf(_weight(64, torch.float32, gen))
     y = rms_norm(x, w)
     y.sum().backward()
     assert y.shape == (0, 64) and x.grad.shape == (0, 64)
@@ -163,13 +159,13 @@ def test_rows_wider_than_the_fused_kernel_use_the_reference(gen):
 
 def test_in_place_gradient_is_not_written_into_a_buffer_of_another_dtype(gen):
     """With an fp32 weight, dy is fp32 but dx must be fp16: a new buffer is used."""
-    x = _leaf(randn((4, 64), torch.float16, generator=gen))
-    w = _leaf(_weight(64, torch.float32, gen))
+    x = leaf(randn((4, 64), torch.float16, generator=gen))
+    w = leaf(_weight(64, torch.float32, gen))
     y = rms_norm(x, w, in_place_grad=True)
     dy = randn(y.shape, torch.float32, generator=gen)
     dx, = torch.autograd.grad(y, [x], dy)
     assert dx.dtype == torch.float16 and dx.data_ptr() != dy.data_ptr()
-    x64 = _leaf(x.double())
+    x64 = leaf(x.double())
     rms_norm_reference(x64, w.double().detach()).backward(dy.double())
     assert_rel_close(dx, x64.grad, name="dx")
 
@@ -207,13 +203,13 @@ def test_bad_residual_is_rejected(gen, residual, error, match):
 def test_internlm2_shapes_on_gpu(gen, dtype, hidden):
     """A 4k-token pack at InternLM2-7B / 1.8B width, residual variant, vs float64."""
     shape, eps = (1, 4096, hidden), 1e-5
-    x = _leaf(randn(shape, dtype, generator=gen))
-    r = _leaf(randn(shape, dtype, generator=gen))
-    w = _leaf(_weight(hidden, dtype, gen))
+    x = leaf(randn(shape, dtype, generator=gen))
+    r = leaf(randn(shape, dtype, generator=gen))
+    w = leaf(_weight(hidden, dtype, gen))
     y, s = rms_norm(x, w, eps, residual=r)
     dy, ds = (randn(shape, dtype, generator=gen) for _ in range(2))
     torch.autograd.backward([y, s], [dy, ds])
-    x64, r64, w64 = (_leaf(t.double()) for t in (x, r, w))
+    x64, r64, w64 = (leaf(t.double()) for t in (x, r, w))
     ref_y, ref_s = rms_norm_reference(x64, w64, eps, residual=r64)
     torch.autograd.backward([ref_y, ref_s], [dy.double(), ds.double()])
     assert_rel_close(y, ref_y, name="normed")

@@ -6,17 +6,13 @@ import torch
 from kernels import apply_rotary, rotary_inv_freq, split_qkv_rotary
 from kernels.reference import rotary_reference, split_qkv_rotary_reference
 from kernels.reference.rotary import rotary_positions
-from tests.helpers import DEVICE, DTYPES, assert_rel_close, randn
+from tests.helpers import DEVICE, DTYPES, assert_rel_close, leaf, randn
 
 
 @pytest.fixture
 def hf():
     return pytest.importorskip("xtuner._lite.modelings.internlm2.modeling_internlm2",
                                reason="needs xtuner's InternLM2 modeling code")
-
-
-def _leaf(t):
-    return t.detach().clone().requires_grad_()
 
 
 def _packed_position_ids(lengths, device=DEVICE):
@@ -56,7 +52,7 @@ def _our_frequencies(variant, head_dim, position_ids):
 def _hf_rotate(hf, variant, q, k, position_ids, dq, dk):
     """HF InternLM2 rotary on [b, s, h, d] tensors in float64: outputs and grads."""
     module = _hf_module(hf, variant, q.shape[-1])
-    q64, k64 = _leaf(q.double()), _leaf(k.double())
+    q64, k64 = leaf(q.double()), leaf(k.double())
     cos, sin = module(q64, position_ids)
     q_out, k_out = hf.apply_rotary_pos_emb(q64, k64, cos, sin, unsqueeze_dim=2)
     torch.autograd.backward([q_out, k_out], [dq.double(), dk.double()])
@@ -67,8 +63,8 @@ def _hf_rotate(hf, variant, q, k, position_ids, dq, dk):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_matches_internlm2(hf, gen, dtype, variant):
     b, s, hq, hk, d = 2, 48, 4, 2, 32
-    q = _leaf(randn((b, s, hq, d), dtype, generator=gen))
-    k = _leaf(randn((b, s, hk, d), dtype, generator=gen))
+    q = leaf(randn((b, s, hq, d), dtype, generator=gen))
+    k = leaf(randn((b, s, hk, d), dtype, generator=gen))
     # Packed rows: positions restart per sample, as XTuner's collate produces.
     position_ids = torch.stack([_packed_position_ids([30, 18]), _packed_position_ids([48]) + 70])
     inv_freq, divisor = _our_frequencies(variant, d, position_ids)
@@ -114,8 +110,8 @@ def test_long_positions_keep_fp32_accuracy(hf, gen):
 def test_cu_seqlens_position_ids_and_reference_agree(gen, dtype):
     lengths = [5, 0, 17, 1, 33]
     t, hq, hk, d = sum(lengths), 3, 1, 24
-    q = _leaf(randn((t, hq, d), dtype, generator=gen))
-    k = _leaf(randn((t, hk, d), dtype, generator=gen))
+    q = leaf(randn((t, hq, d), dtype, generator=gen))
+    k = leaf(randn((t, hk, d), dtype, generator=gen))
     inv_freq, _ = rotary_inv_freq(d, 1e6, device=DEVICE)
     by_ids = apply_rotary(q, k, position_ids=_packed_position_ids(lengths), inv_freq=inv_freq)
     by_cu = apply_rotary(q, k, cu_seqlens=_cu_seqlens(lengths), inv_freq=inv_freq)
@@ -179,7 +175,7 @@ def test_strided_wqkv_views(hf, gen, dtype):
 def test_split_qkv_rotary_gradient_of_v_alone(gen):
     """Only v used: q and k rows of the qkv gradient are zero, v rows are v's gradient."""
     hkv, groups, d = 2, 1, 8
-    flat = _leaf(randn((5, hkv * (groups + 2) * d), generator=gen))
+    flat = leaf(randn((5, hkv * (groups + 2) * d), generator=gen))
     _, _, v = split_qkv_rotary(flat, hkv, d, position_ids=torch.arange(5, device=DEVICE),
                                inv_freq=rotary_inv_freq(d, 1e6, device=DEVICE)[0])
     dv = randn(v.shape, generator=gen)
@@ -194,14 +190,14 @@ def test_split_qkv_rotary_gradient_of_v_alone(gen):
 def test_split_qkv_rotary(gen, dtype, interleaved):
     lengths, hkv, groups, d = [9, 30, 1], 2, 2, 16
     t = sum(lengths)
-    flat = _leaf(randn((t, hkv * (groups + 2) * d), dtype, generator=gen))
+    flat = leaf(randn((t, hkv * (groups + 2) * d), dtype, generator=gen))
     kwargs = dict(cu_seqlens=_cu_seqlens(lengths), interleaved=interleaved,
                   inv_freq=rotary_inv_freq(d, 1e6, device=DEVICE)[0])
     q, k, v = split_qkv_rotary(flat, hkv, d, **kwargs)
     assert q.shape == (t, hkv * groups, d) and k.shape == v.shape == (t, hkv, d)
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
 
-    flat64 = _leaf(flat.double())
+    flat64 = leaf(flat.double())
     refs = split_qkv_rotary_reference(flat64, hkv, d, **kwargs)
     grads = [randn(x.shape, dtype, generator=gen) for x in (q, k, v)]
     torch.autograd.backward([q, k, v], grads)
@@ -215,7 +211,7 @@ def test_split_qkv_rotary(gen, dtype, interleaved):
 def test_split_qkv_rotary_batched_with_unused_outputs(gen):
     """[b, s, width] input; grads for q and v only (k unused): dk's rows are zero."""
     b, s, hkv, groups, d = 2, 12, 1, 4, 16
-    flat = _leaf(randn((b, s, hkv * (groups + 2) * d), generator=gen))
+    flat = leaf(randn((b, s, hkv * (groups + 2) * d), generator=gen))
     position_ids = torch.arange(s, device=DEVICE).expand(b, s) + torch.tensor([[0], [40]],
                                                                                device=DEVICE)
     kwargs = dict(position_ids=position_ids, inv_freq=rotary_inv_freq(d, 10000.0,
@@ -224,7 +220,7 @@ def test_split_qkv_rotary_batched_with_unused_outputs(gen):
     assert q.shape == (b, s, hkv * groups, d)
     dq, dv = randn(q.shape, generator=gen), randn(v.shape, generator=gen)
     torch.autograd.backward([q, v], [dq, dv])
-    flat64 = _leaf(flat.double())
+    flat64 = leaf(flat.double())
     ref_q, ref_k, ref_v = split_qkv_rotary_reference(flat64, hkv, d, **kwargs)
     torch.autograd.backward([ref_q, ref_v], [dq.double(), dv.double()])
     assert_rel_close(q, ref_q, name="q")
@@ -234,15 +230,15 @@ def test_split_qkv_rotary_batched_with_unused_outputs(gen):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_interleaved_layout(gen, dtype):
     b, s, h, d = 2, 20, 3, 24
-    q = _leaf(randn((b, s, h, d), dtype, generator=gen))
-    k = _leaf(randn((b, s, 1, d), dtype, generator=gen))
+    q = leaf(randn((b, s, h, d), dtype, generator=gen))
+    k = leaf(randn((b, s, 1, d), dtype, generator=gen))
     position_ids = torch.arange(s, device=DEVICE)[None] + 7
     inv_freq, _ = rotary_inv_freq(d, 10000.0, device=DEVICE)
     q_out, k_out = apply_rotary(q, k, position_ids=position_ids, inv_freq=inv_freq,
                                 interleaved=True)
     dq, dk = randn(q.shape, dtype, generator=gen), randn(k.shape, dtype, generator=gen)
     torch.autograd.backward([q_out, k_out], [dq, dk])
-    q64, k64 = _leaf(q.double()), _leaf(k.double())
+    q64, k64 = leaf(q.double()), leaf(k.double())
     ref_q, ref_k = rotary_reference(q64, k64, position_ids=position_ids, inv_freq=inv_freq,
                                     interleaved=True)
     torch.autograd.backward([ref_q, ref_k], [dq.double(), dk.double()])
@@ -278,8 +274,8 @@ def test_cos_sin_cache_matches_internlm2(hf, gen, cache_dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_in_place_under_autograd(gen, dtype):
-    q0 = _leaf(randn((30, 4, 16), dtype, generator=gen))
-    k0 = _leaf(randn((30, 2, 16), dtype, generator=gen))
+    q0 = leaf(randn((30, 4, 16), dtype, generator=gen))
+    k0 = leaf(randn((30, 2, 16), dtype, generator=gen))
     inv_freq, _ = rotary_inv_freq(16, 1e6, device=DEVICE)
     position_ids = _packed_position_ids([12, 18])
     expected = apply_rotary(q0, k0, position_ids=position_ids, inv_freq=inv_freq)
@@ -381,7 +377,7 @@ def test_bad_inputs_are_rejected(name):
 
 
 def test_in_place_on_views_under_autograd_is_rejected(gen):
-    flat = _leaf(randn((6, 4 * 16), generator=gen))
+    flat = leaf(randn((6, 4 * 16), generator=gen))
     qkv = (flat * 1).view(1, 6, 1, 4, 16)
     inv_freq, _ = rotary_inv_freq(16, 1e6, device=DEVICE)
     with pytest.raises(ValueError, match="not views"):
@@ -416,13 +412,13 @@ def test_internlm2_shapes_on_gpu(gen, dtype, heads):
     hq, hkv = heads
     d, lengths = 128, [1000, 3000, 96]
     t = sum(lengths)
-    flat = _leaf(randn((t, (hq + 2 * hkv) * d), dtype, generator=gen))
+    flat = leaf(randn((t, (hq + 2 * hkv) * d), dtype, generator=gen))
     kwargs = dict(cu_seqlens=_cu_seqlens(lengths), inv_freq=rotary_inv_freq(d, 1e6,
                                                                             device=DEVICE)[0])
     outs = split_qkv_rotary(flat, hkv, d, **kwargs)
     grads = [randn(x.shape, dtype, generator=gen) for x in outs]
     torch.autograd.backward(outs, grads)
-    flat64 = _leaf(flat.double())
+    flat64 = leaf(flat.double())
     refs = split_qkv_rotary_reference(flat64, hkv, d, **kwargs)
     torch.autograd.backward(refs, [g.double() for g in grads])
     for name, out, ref in zip("qkv", outs, refs):

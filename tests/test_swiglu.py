@@ -6,11 +6,7 @@ import torch.nn.functional as F
 
 from kernels import swiglu
 from kernels.reference import swiglu_reference
-from tests.helpers import DEVICE, DTYPES, assert_rel_close, randn
-
-
-def _leaf(t):
-    return t.detach().clone().requires_grad_()
+from tests.helpers import DEVICE, DTYPES, assert_rel_close, leaf, randn
 
 
 def _float64(a, b, dy):
@@ -25,8 +21,8 @@ def _float64(a, b, dy):
                          ids=["96", "3d-1000", "blocks-4100"])
 def test_matches_float64(gen, dtype, shape):
     # Gate pre-activations of a few units: both tails of silu are exercised.
-    a = _leaf(randn(shape, dtype, generator=gen, scale=3.0))
-    b = _leaf(randn(shape, dtype, generator=gen))
+    a = leaf(randn(shape, dtype, generator=gen, scale=3.0))
+    b = leaf(randn(shape, dtype, generator=gen))
     y = swiglu(a, b)
     assert y.shape == shape and y.dtype == dtype and y.is_contiguous()
     dy = randn(shape, dtype, generator=gen)
@@ -44,7 +40,7 @@ def test_reference_matches_float64(gen):
 
 def test_halves_of_a_fused_projection_are_read_in_place(gen):
     """``a``/``b`` as the two column halves of one ``[tokens, 2n]`` output (w1, w3 fused)."""
-    fused = _leaf(randn((3, 11, 2 * 160), generator=gen, scale=2.0))
+    fused = leaf(randn((3, 11, 2 * 160), generator=gen, scale=2.0))
     a, b = fused[..., :160], fused[..., 160:]
     y = swiglu(a, b)
     dy = randn(y.shape, generator=gen)
@@ -55,7 +51,7 @@ def test_halves_of_a_fused_projection_are_read_in_place(gen):
 
 
 def test_backward_keeps_only_the_inputs(gen):
-    a, b = (_leaf(randn((4, 64), generator=gen)) for _ in range(2))
+    a, b = (leaf(randn((4, 64), generator=gen)) for _ in range(2))
     y = swiglu(a, b)
     saved = y.grad_fn.saved_tensors
     assert len(saved) == 2
@@ -63,12 +59,12 @@ def test_backward_keeps_only_the_inputs(gen):
 
 
 def test_broadcast_gradient_and_empty_input(gen):
-    a, b = (_leaf(randn((6, 50), generator=gen)) for _ in range(2))
+    a, b = (leaf(randn((6, 50), generator=gen)) for _ in range(2))
     swiglu(a, b).sum().backward()
     _, ref_da, ref_db = _float64(a, b, torch.ones(6, 50, device=DEVICE))
     assert_rel_close(a.grad, ref_da, name="da")
     assert_rel_close(b.grad, ref_db, name="db")
-    empty = _leaf(torch.empty(0, 8, device=DEVICE))
+    empty = leaf(torch.empty(0, 8, device=DEVICE))
     swiglu(empty, empty).sum().backward()
     assert empty.grad.shape == (0, 8)
 
