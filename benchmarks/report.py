@@ -17,7 +17,7 @@ import os
 import sys
 from collections import OrderedDict
 
-from benchmarks.targets import OURS, evaluate
+from benchmarks.targets import OURS, evaluate, impl_row
 
 
 def _row(group, name, extra, median):
@@ -63,7 +63,7 @@ def ratio_table(rows) -> str:
     lines = ["| case | impl | median | throughput | peak mem | speed-up of ours |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for group, members in _group(rows).items():
-        ours = next((r for r in members if r["impl"] == OURS), None)
+        ours = impl_row(members, OURS)
         for row in members:
             speedup = ""
             if ours is not None and row is not ours:
@@ -91,7 +91,7 @@ def speedups(rows, x_key="tokens"):
     """
     curves = {}
     for group, members in _group(rows).items():
-        ours = next((r for r in members if r["impl"] == OURS), None)
+        ours = impl_row(members, OURS)
         if ours is None or x_key not in ours["extra"]:
             continue
         series = " ".join(w for w in group.split(" ") if not w.startswith(f"{x_key}="))

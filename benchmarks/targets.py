@@ -15,14 +15,15 @@ from typing import Callable, List, Optional
 OURS = "xtuner-patch"
 
 
-def _row(members, impl):
+def impl_row(members, impl):
+    """The row of implementation ``impl`` among one case's rows, or None."""
     return next((r for r in members if r["impl"] == impl), None)
 
 
 def speedup_over(impl: str) -> Callable:
     """Baseline median / our median (> 1: ours is faster)."""
     def value(ours, members):
-        base = _row(members, impl)
+        base = impl_row(members, impl)
         return None if base is None else base["median_s"] / ours["median_s"]
     return value
 
@@ -30,7 +31,7 @@ def speedup_over(impl: str) -> Callable:
 def memory_share_of(impl: str) -> Callable:
     """Our peak memory / the baseline's."""
     def value(ours, members):
-        base = _row(members, impl)
+        base = impl_row(members, impl)
         if base is None or not base["extra"].get("peak_mem_bytes"):
             return None
         mine = ours["extra"].get("peak_mem_bytes")
@@ -41,7 +42,7 @@ def memory_share_of(impl: str) -> Callable:
 def recorded(key: str, impl: str = OURS) -> Callable:
     """A number a benchmark recorded in ``extra_info`` on ``impl``'s row."""
     def value(ours, members):
-        row = _row(members, impl)
+        row = impl_row(members, impl)
         return None if row is None else row["extra"].get(key)
     return value
 
@@ -99,7 +100,7 @@ def evaluate(groups, targets=TARGETS) -> List[dict]:
     """
     verdicts = []
     for case, members in groups.items():
-        ours = _row(members, OURS)
+        ours = impl_row(members, OURS)
         if ours is None:
             continue
         for target in targets:
