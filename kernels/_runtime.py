@@ -9,6 +9,7 @@ import collections
 import functools
 import os
 import threading
+import weakref
 from typing import Callable, Hashable, Iterable, Optional, Sequence
 
 import torch
@@ -122,12 +123,13 @@ class TensorMemo:
     Launchers use it for what needs a tensor's values on the host (a device sync), such
     as validating ``cu_seqlens``: the layers of a model pass the same ``cu_seqlens``
     tensor within a step, so only the first layer pays.  An entry matches when every
-    tensor is the very object it was computed from (entries hold references, so an
-    identity cannot be reused by another tensor) with the same version counter (in-place
-    writes through PyTorch bump it) and the extra key is equal.  Writes that bypass the
-    counter (``.data``, NumPy views) are not seen.  Inference-mode tensors have no counter
-    and are never memoised.  The ``size`` most recently used entries are kept.
-    Thread-safe.
+    tensor is the very object it was computed from, with the same version counter
+    (in-place writes through PyTorch bump it), and the extra key is equal.  Entries hold
+    weak references, so a memo keeps no tensor alive (an attention mask can be large),
+    and an entry whose tensor has died matches nothing, even a new tensor at the same
+    address.  Writes that bypass the counter (``.data``, NumPy views) are not seen.
+    Inference-mode tensors have no counter and are never memoised.  The ``size`` most
+    recently used entries are kept.  Thread-safe.
     """
 
     def __init__(self, size: int = 8):
@@ -143,12 +145,13 @@ class TensorMemo:
         versions = tuple(t._version for t in tensors)
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry[1] == versions:
+            if (entry is not None and entry[1] == versions
+                    and all(ref() is t for ref, t in zip(entry[0], tensors))):
                 self._entries.move_to_end(key)
                 return entry[2]
         value = compute()
         with self._lock:
-            self._entries[key] = (tuple(tensors), versions, value)
+            self._entries[key] = (tuple(weakref.ref(t) for t in tensors), versions, value)
             self._entries.move_to_end(key)
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)

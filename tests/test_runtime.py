@@ -1,5 +1,8 @@
 """kernels._runtime: the memo launchers use for values that need a device sync."""
 
+import gc
+import weakref
+
 import torch
 
 from kernels._runtime import TensorMemo
@@ -53,3 +56,15 @@ def test_memo_skips_inference_tensors():
         a = torch.arange(4)
     assert memo.get((a,), None, compute) == 1
     assert memo.get((a,), None, compute) == 2
+
+
+def test_memo_keeps_no_tensor_alive_and_forgets_dead_ones():
+    memo, compute = TensorMemo(), _Counter()
+    a = torch.arange(4)
+    assert memo.get((a,), None, compute) == 1
+    alive = weakref.ref(a)
+    del a
+    gc.collect()
+    assert alive() is None
+    # A new tensor (possibly at the dead one's address) is computed afresh.
+    assert memo.get((torch.arange(4),), None, compute) == 2
