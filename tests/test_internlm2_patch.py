@@ -101,15 +101,22 @@ def test_packed_forward_backward_matches_float64_reference(
         assert_rel_close(param.grad, grads[name].grad, torch.float32, factor=50, name=name)
 
 
-def test_packing_is_read_once_per_step(tiny_checkpoint, gen, varlen_args, monkeypatch):
-    """Reading the packing on the host is a device sync: every layer of a step shares
-    XTuner's ``cumulative_len``, so the forward and backward of all layers read it once."""
+@pytest.fixture
+def validations(monkeypatch):
+    """Names of the cu_seqlens the attention kernel validates (each one a device sync)."""
     import kernels.varlen_attention as attention
 
     calls = []
     checked = attention.check_cu_seqlens
     monkeypatch.setattr(attention, "check_cu_seqlens",
                         lambda name, *a: calls.append(name) or checked(name, *a))
+    return calls
+
+
+def test_packing_is_read_once_per_step(tiny_checkpoint, gen, varlen_args, validations):
+    """Reading the packing on the host is a device sync: every layer of a step shares
+    XTuner's ``cumulative_len``, so the forward and backward of all layers read it once."""
+    calls = validations
     model = _dispatch(_load(tiny_checkpoint))
     assert model.config.num_hidden_layers > 1
     lengths = [20, 9, 25]
@@ -231,6 +238,18 @@ def test_unpacked_batch_with_padding_matches_stock(tiny_checkpoint, gen):
     assert_rel_close(got[1, :15], want[1, :15], torch.float32, factor=20, name="row 1")
     # No mask at all: plain causal rows.
     assert_rel_close(model(input_ids).logits, stock(input_ids).logits, torch.float32, factor=20)
+
+
+def test_padding_mask_is_read_once_per_forward(tiny_checkpoint, gen, validations):
+    """Without varlen arguments the layers share the model's attention mask instead."""
+    model = _dispatch(_load(tiny_checkpoint), use_varlen_attn=False)
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=gen, device=DEVICE)
+    mask = torch.ones(2, 24, dtype=torch.long, device=DEVICE)
+    mask[1, 15:] = 0
+    model(input_ids, attention_mask=mask).logits.sum().backward()
+    assert validations == ["cu_seqlens_q", "cu_seqlens_k"]
+    model(input_ids).logits.sum().backward()  # no mask: whole rows
+    assert validations == ["cu_seqlens_q", "cu_seqlens_k"] * 2
 
 
 def test_greedy_generate_gives_stock_tokens(tiny_checkpoint, gen):

@@ -141,6 +141,29 @@ def _key_padding(attention_mask, bsz: int, q_len: int):
     return None if bool(keep.all()) else keep
 
 
+_UNPACKED_BOUNDS = TensorMemo()
+
+
+def unpacked_bounds(attention_mask, bsz: int, q_len: int, device):
+    """``(cu_seqlens, max_seqlen, index)`` of a plain ``[bsz, q_len]`` batch: one sequence
+    per row, or the real tokens of each row when ``attention_mask`` pads some (``index``
+    picks them from the flattened batch; None when every token is real).
+
+    Computed once per forward (every layer gets the same mask): reading it is a device sync.
+    """
+    def build():
+        keep = _key_padding(attention_mask, bsz, q_len)
+        if keep is None:
+            cu = torch.arange(0, bsz * q_len + 1, q_len, dtype=torch.int32, device=device)
+            return cu, q_len, None
+        lengths = keep.sum(1, dtype=torch.int32)
+        cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        return cu, int(lengths.max()), keep.reshape(-1).nonzero().squeeze(1)
+
+    tensors = () if attention_mask is None else (attention_mask,)
+    return _UNPACKED_BOUNDS.get(tensors, (bsz, q_len, device), build)
+
+
 # ------------------------------------------------------------------------ forwards
 def attention_forward(self, hidden_states, attention_mask=None, position_ids=None,
                       past_key_value=None, output_attentions=False, use_cache=False,
@@ -172,7 +195,7 @@ def attention_forward(self, hidden_states, attention_mask=None, position_ids=Non
 
     cumulative_len, max_seqlen = (_message_hub_varlen_args() if self.xtuner_patch_varlen
                                   else (None, None))
-    keep = None
+    index = None
     if cumulative_len is not None:
         if bsz != 1:
             raise ValueError(f"varlen attention packs samples into one row: batch size must "
@@ -180,19 +203,12 @@ def attention_forward(self, hidden_states, attention_mask=None, position_ids=Non
         cu_seqlens, longest = packed_bounds(cumulative_len, total, device)
         max_seqlen = int(max_seqlen) if max_seqlen is not None else longest
     else:
-        keep = _key_padding(attention_mask, bsz, q_len)
-        if keep is None:
-            cu_seqlens = torch.arange(0, total + 1, q_len, dtype=torch.int32, device=device)
-            max_seqlen = q_len
-        else:
-            lengths = keep.sum(1, dtype=torch.int32)
-            cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-            max_seqlen = int(lengths.max())
-            index = keep.reshape(-1).nonzero().squeeze(1)
+        cu_seqlens, max_seqlen, index = unpacked_bounds(attention_mask, bsz, q_len, device)
+        if index is not None:
             q, k, v = q[index], k[index], v[index]
 
     out = ops.varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen)
-    if keep is not None:
+    if index is not None:
         out = out.new_zeros((total,) + out.shape[1:]).index_copy(0, index, out)
     out = self.wo(out.reshape(bsz, q_len, self.num_heads * self.head_dim))
     return out, None, past_key_value
