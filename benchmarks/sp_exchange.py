@@ -31,7 +31,7 @@ IMPLS = ("xtuner-patch", "xtuner", "all-to-all")
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # InternLM2-7B
 DTYPE = torch.bfloat16
 GLOO_TOKENS = 2048  # per rank
-STOP = -1
+STOP, PROBE = -1, -2  # announced cases besides the indices of IMPLS
 
 
 class _Attend(torch.autograd.Function):
@@ -155,6 +155,19 @@ def announce(case: int) -> None:
     dist.broadcast(torch.tensor([case]), src=0)
 
 
+def list_all_to_all_supported() -> bool:
+    """Whether this process group's backend has the list ``all_to_all`` XTuner's SP calls
+    (gloo in torch 2.11 has only ``all_to_all_single``).  Both ranks call it together
+    (announced as ``PROBE``): where supported it exchanges one element each way."""
+    try:
+        dist.all_to_all([torch.zeros(1) for _ in range(2)], [torch.zeros(1) for _ in range(2)])
+    except RuntimeError as exc:
+        if "does not support" not in str(exc):
+            raise
+        return False
+    return True
+
+
 def gloo_steps(rank: int):
     """The gloo cases, indexed as :func:`announce` numbers them."""
     return [step(impl, 2, rank, dist.group.WORLD, GLOO_TOKENS, torch.device("cpu"), False)
@@ -170,7 +183,10 @@ def peer(address: str) -> None:
         dist.broadcast(case, src=0)
         if int(case) == STOP:
             break
-        steps[int(case)]()
+        if int(case) == PROBE:
+            list_all_to_all_supported()
+        else:
+            steps[int(case)]()
     dist.destroy_process_group()
 
 
