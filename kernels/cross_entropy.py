@@ -19,10 +19,12 @@ Tokens are processed in chunks of ``chunk_size`` rows.  Per chunk, in the forwar
 3. ``grad_h_c = dlogits @ W``, and for the weight gradient one of two modes:
 
    - ``'accumulate'``: ``grad_W += dlogits.T @ h_c``.  With more than one chunk the sum
-     runs in an fp32 accumulator ``V x H`` (a half-precision chunk's product is added to
-     it in slices of :data:`GRAD_WEIGHT_SLICE` vocabulary rows, so no second ``V x H``
-     temporary exists; fp32 products go in with ``addmm_``), rounded to the weight's
-     dtype after the last chunk; with a single chunk the product is written directly.
+     runs in an fp32 accumulator ``V x H``, rounded to the weight's dtype after the last
+     chunk; with a single chunk the product is written directly.  A half-precision
+     chunk's product goes into the accumulator inside the matrix product (``addmm`` with
+     an fp32 ``out_dtype``, CUDA) or, where torch cannot do that, is added to it in
+     slices of :data:`GRAD_WEIGHT_SLICE` vocabulary rows, so no second ``V x H``
+     temporary exists; fp32 products go in with ``addmm_``.
      Three matrix products in all, but ``4 * V * H`` bytes (1.5 GB at InternLM2-7B's head).
    - ``'recompute'``: the forward pass keeps each row's log-sum-exp, then walks the
      vocabulary in slices of ``V_s`` rows: ``logits_s = h @ W_s.T`` for every token (into
@@ -73,9 +75,14 @@ RECOMPUTE_CHUNK_TOKENS = 1024
 
 GRAD_WEIGHT_MODES = ("auto", "accumulate", "recompute")
 
-# Vocabulary rows per weight-gradient product added to the fp32 accumulator: the
-# temporary in the input dtype is GRAD_WEIGHT_SLICE x H (64 MiB at H = 4096 in bf16).
+# Vocabulary rows per weight-gradient product added to the fp32 accumulator where torch
+# has no fp32-output addmm for half inputs: the temporary in the input dtype is
+# GRAD_WEIGHT_SLICE x H (64 MiB at H = 4096 in bf16).
 GRAD_WEIGHT_SLICE = 8192
+
+# Per device: whether torch.addmm(out_dtype=float32) adds a half-precision product into
+# an fp32 tensor in place there.
+_FP32_OUT_ADDMM = {}
 
 # Vocabulary columns per iteration of the row kernel (at most), and its warps.
 _BLOCK_V = 4096
@@ -166,6 +173,37 @@ def _rows_kernel(logits, targets, losses, lse, scale, ignore_index, *, first_col
         num_warps=_NUM_WARPS)
 
 
+def _has_fp32_out_addmm(device: torch.device) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` works for
+    half-precision ``a``, ``b`` on ``device``: checked once per device, on a 2 x 2 case
+    whose result is exact."""
+    if device.type != "cuda":
+        return False
+    key = (device.type, device.index)
+    if key not in _FP32_OUT_ADDMM:
+        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16, device=device)
+        acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+        try:
+            torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+            works = torch.equal(acc.cpu(), torch.tensor([[6.0, 12.0], [12.0, 26.0]]))
+        except (RuntimeError, TypeError):  # an older torch, or no such kernel
+            works = False
+        _FP32_OUT_ADDMM[key] = works
+    return _FP32_OUT_ADDMM[key]
+
+
+def _add_half_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc`` ``[M, N]`` and half-precision ``a`` ``[M, K]``,
+    ``b`` ``[K, N]``, with fp32 accumulation and one rounding per product."""
+    if _has_fp32_out_addmm(acc.device):
+        # The GEMM's epilogue reads and writes acc: no temporary, no separate add kernel.
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        return
+    for start in range(0, acc.shape[0], GRAD_WEIGHT_SLICE):
+        rows = slice(start, min(start + GRAD_WEIGHT_SLICE, acc.shape[0]))
+        acc[rows].add_(torch.mm(a[rows], b))
+
+
 def _forward(h2, weight, targets, ignore_index, scale, chunk_size, need_dh, need_dw,
              recompute):
     n_rows, vocab = h2.shape[0], weight.shape[0]
@@ -199,9 +237,7 @@ def _forward(h2, weight, targets, ignore_index, scale, chunk_size, need_dh, need
         elif accumulate and dw.dtype == hc.dtype:
             dw.addmm_(logits.t(), hc)
         elif accumulate:
-            for v in range(0, vocab, GRAD_WEIGHT_SLICE):
-                rows = slice(v, min(v + GRAD_WEIGHT_SLICE, vocab))
-                dw[rows].add_(torch.mm(logits[:, rows].t(), hc))
+            _add_half_product(dw, logits.t(), hc)
     if need_dw and recompute:
         # The buffer, seen as [n_rows, slice]: every token's logits of a vocabulary slice.
         vocab_slice = max(1, buffer.numel() // n_rows)

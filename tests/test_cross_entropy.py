@@ -68,6 +68,20 @@ def test_matches_hf_float64(gen, dtype, case, mode):
     assert hidden.grad.dtype == weight.grad.dtype == dtype
 
 
+def test_half_precision_accumulation_in_vocabulary_slices(gen, monkeypatch):
+    """Without an fp32-output addmm (CPU), half-precision chunk products reach the fp32
+    accumulator slice by slice; slices that do not divide the vocabulary."""
+    import kernels.cross_entropy as module
+
+    monkeypatch.setattr(module, "GRAD_WEIGHT_SLICE", 64)
+    hidden, weight, labels = _inputs((40,), 32, 300, torch.float16, gen)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=16,
+                                      grad_weight_mode="accumulate")
+    loss.backward()
+    _, _, ref_dw = _float64_grads(hidden, weight, labels, False)
+    assert_rel_close(weight.grad, ref_dw, name="grad weight")
+
+
 def test_reference_is_hugging_face_loss(gen):
     """The fallback (kernels.reference) computes Hugging Face's loss, shift included."""
     hidden, weight, labels = _inputs((2, 15), 16, 90, torch.float64, gen)
@@ -200,3 +214,12 @@ def test_bf16_on_gpu_at_internlm2_vocab(gen, chunk, mode):
         err, hf_err = rel_error(ours, ref), rel_error(theirs, ref)
         assert err <= max(1.5 * hf_err, REL_TOL[torch.bfloat16]), (name, err, hf_err)
     assert HAS_CUDA
+
+
+@pytest.mark.gpu
+def test_cuda_accumulates_inside_the_matrix_product():
+    """On CUDA the half-precision weight-gradient products go straight into the fp32
+    accumulator (the fast path the bf16 test above then checks numerically)."""
+    from kernels.cross_entropy import _has_fp32_out_addmm
+
+    assert HAS_CUDA and _has_fp32_out_addmm(torch.device(DEVICE))
