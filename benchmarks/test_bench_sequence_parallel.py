@@ -13,7 +13,10 @@ xtuner-patch vs XTuner (see ``benchmarks/sp_exchange.py`` for what each step doe
   cannot time an all-to-all between GPUs, so each GPU row also records
   ``layout_share_of_nvlink_a2a_estimate``: its time over the time the all-to-alls
   would take at best, sending the bytes bound for other ranks at
-  :data:`NVLINK_BYTES_PER_S` (a model, not a measurement).
+  :data:`NVLINK_BYTES_PER_S` (a model, not a measurement); ``copy_share``, the layout's
+  rate over a device-to-device copy (each layout pass reads and writes what it moves
+  once); and ``copy_floor_share_of_nvlink_a2a_estimate``, the first ratio for layouts
+  running at copy bandwidth: the least any layout done as separate passes can reach.
 - ``sp_gloo_fwd_bwd`` (sp 2, CPU): the same with the real all-to-alls over gloo, this
   process being rank 0 and ``python -m benchmarks.sp_exchange`` rank 1;
   ``all-to-all`` moves our bytes with nothing else, so ``xtuner-patch`` minus it is
@@ -30,6 +33,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import HAS_CUDA, OURS, measure, skip_missing
+from benchmarks.copy_bandwidth import copy_gbps
 from benchmarks.sp_exchange import (DTYPE, GLOO_TOKENS, HEAD_DIM, HEADS, IMPLS, KV_HEADS,
                                     PROBE, STOP, announce, counting_collectives, gloo_steps,
                                     list_all_to_all_supported, step)
@@ -80,9 +84,15 @@ def test_sp_layout_fwd_bwd(benchmark, sp, impl):
     benchmark.extra_info.update({f"bytes_{k}": v for k, v in expected.items()})
     if HAS_CUDA:
         # Forward and backward; a rank keeps its own chunk.
-        remote_bytes = 2 * sum(expected.values()) * (sp - 1) / sp
-        benchmark.extra_info["layout_share_of_nvlink_a2a_estimate"] = (
-            benchmark.stats.stats.median / (remote_bytes / NVLINK_BYTES_PER_S))
+        a2a_seconds = 2 * sum(expected.values()) * (sp - 1) / sp / NVLINK_BYTES_PER_S
+        # Every layout pass reads and writes each byte it moves once.
+        copy_seconds = 2 * benchmark.extra_info["bytes"] / (copy_gbps() * 1e9)
+        benchmark.extra_info.update(
+            layout_share_of_nvlink_a2a_estimate=benchmark.stats.stats.median / a2a_seconds,
+            copy_share=copy_seconds / benchmark.stats.stats.median)
+        if impl == OURS:
+            benchmark.extra_info["copy_floor_share_of_nvlink_a2a_estimate"] = (
+                copy_seconds / a2a_seconds)
     if impl == OURS:
         xtuner = _expected_bytes("xtuner", sp, tokens)
         assert 4 * expected["k"] == xtuner["k"] and 4 * expected["v"] == xtuner["v"]
