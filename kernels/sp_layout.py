@@ -34,8 +34,7 @@ rotation from a gradient buffer into the gradient of ``wqkv``'s output.
 
 One Triton kernel does every other transform, driven by a small per-split table of
 ``(tensor, head) <- (rank chunk, slot)`` entries; one program moves ``BLOCK_T`` tokens
-of one head (autotuned on a GPU).  Sums of repeated kv slots run in fp32 in a fixed
-order (deterministic).
+of one head.  Sums of repeated kv slots run in fp32 in a fixed order (deterministic).
 """
 
 import functools
@@ -47,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import autotune_configs, check_tensor
+from kernels._runtime import check_tensor
 from kernels.rotary import check_split_qkv_rotary, launch_rotary
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -186,20 +185,11 @@ def _slot_ptrs(BUF, PLACE, tok, col, n_tokens, head_dim):
     return BUF + (start * n_tokens + tok[:, None] * width + slot) * head_dim + col[None, :]
 
 
-# (BLOCK_T, num_warps): 8 to 32 KB of bf16 per program at head_dim 128.  The best tile
-# hardly depends on the token count, so it is tuned once per direction and head size.
-_TILES = ((32, 4), (64, 4), (64, 8), (128, 8))
-
-
-@triton.autotune(
-    configs=autotune_configs([triton.Config({"BLOCK_T": t}, num_warps=w) for t, w in _TILES],
-                             triton.Config({"BLOCK_T": 32}, num_warps=1)),
-    key=["head_dim", "TO_BUFFER", "SLOTS"])
 @triton.jit
 def _heads_kernel(Q, K, V, BUF, TABLE, n_tokens, head_dim,
                   sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
                   ROW: tl.constexpr, SLOTS: tl.constexpr, TO_BUFFER: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     row = TABLE + tl.program_id(1) * ROW
     tok = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     col = tl.arange(0, BLOCK_D)
@@ -231,11 +221,13 @@ def _launch(split: HeadSplit, tensors: Sequence[torch.Tensor], buffer: torch.Ten
     if tokens == 0 or table.shape[0] == 0:
         return
     q, k, v = tensors if kv else (tensors[0],) * 3
-    _heads_kernel[lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), table.shape[0])](
+    block_d = triton.next_power_of_2(head_dim)
+    block_t = max(1, min(64, 4096 // block_d))
+    _heads_kernel[(triton.cdiv(tokens, block_t), table.shape[0])](
         q, k, v, buffer, table, tokens, head_dim,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ROW=table.shape[1], SLOTS=(table.shape[1] - _ROW_HEAD) // _PER_SLOT,
-        TO_BUFFER=to_buffer, BLOCK_D=triton.next_power_of_2(head_dim))
+        TO_BUFFER=to_buffer, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
 
 
 def _check_split(split: HeadSplit) -> None:

@@ -97,15 +97,11 @@ def _row_kernel_jobs() -> Iterator[Job]:
                dict(num_warps=warps))
 
     layout = _module("sp_layout")
-    for to_buffer, slots in ((True, 1), (False, 4)):
-        for config in layout._heads_kernel.configs:
-            yield (f"sp_layout._heads_kernel bf16 d128 to_buffer={to_buffer} slots={slots} "
-                   f"BLOCK_T={config.kwargs['BLOCK_T']} warps={config.num_warps}",
-                   layout._heads_kernel.fn,
-                   _types("bf16", {"TABLE": "*i32"}),
-                   dict(ROW=2 + 3 * slots, SLOTS=slots, TO_BUFFER=to_buffer, BLOCK_D=128,
-                        **config.kwargs),
-                   dict(num_warps=config.num_warps))
+    for to_buffer in (True, False):
+        yield (f"sp_layout._heads_kernel bf16 d128 to_buffer={to_buffer}", layout._heads_kernel,
+               _types("bf16", {"TABLE": "*i32"}),
+               dict(ROW=5, SLOTS=1, TO_BUFFER=to_buffer, BLOCK_T=32, BLOCK_D=128),
+               dict(num_warps=4))
 
     swiglu = _module("swiglu")
     for name in ("_swiglu_fwd_kernel", "_swiglu_bwd_kernel"):
