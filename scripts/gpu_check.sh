@@ -75,6 +75,8 @@ for family in ${BENCH_FAMILIES:-train_step varlen_attention cross_entropy swiglu
   run_step "bench-$family" "${BENCH_TIMEOUT:-150}" \
     "$PY" -m pytest "benchmarks/test_bench_$family.py" --benchmark-only -q -p no:cacheprovider \
     ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-json="$RESULTS/bench-$family.json"
+  # A family stopped before its first case leaves an empty file: not a result.
+  [ -s "$RESULTS/bench-$family.json" ] || rm -f "$RESULTS/bench-$family.json"
 done
 JSONS=$(ls "$RESULTS"/bench-*.json 2>/dev/null)
 if [ -n "$JSONS" ]; then
