@@ -35,17 +35,17 @@ STOP, PROBE = -1, -2  # announced cases besides the indices of IMPLS
 
 
 class _Attend(torch.autograd.Function):
-    """A free stand-in for attention: an output of q's shape, q's gradient passed through,
-    zero K/V gradients allocated once."""
+    """A free stand-in for attention: an output of q's shape, and as gradients of q, k, v
+    the tensors ``grads`` allocated once, laid out as the real attention lays them out."""
 
     @staticmethod
-    def forward(ctx, q, k, v, dk, dv):
-        ctx.kv_grads = (dk, dv)
+    def forward(ctx, q, k, v, grads):
+        ctx.grads = grads
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
     @staticmethod
     def backward(ctx, dout):
-        return (dout, *ctx.kv_grads, None, None)
+        return (*ctx.grads, None)
 
 
 @contextlib.contextmanager
@@ -78,15 +78,18 @@ def step(impl: str, sp: int, rank: int, group, tokens: int, device, use_triton: 
         from xtuner_patch.sequence_parallel import _FromRankHeads, _HeadLayout, _ToRankHeads
 
         q, k, v = (randn(tokens, h, HEAD_DIM, grad=True) for h in (HEADS, KV_HEADS, KV_HEADS))
-        kv_grad = torch.zeros(sp * tokens, split.num_kv(rank), HEAD_DIM, dtype=DTYPE,
-                              device=device)
+        # Our attention kernel returns the gradients of the received views as views of
+        # one buffer (kernels.varlen_attention), which the backward exchange sends as is.
+        nq, nkv = split.num_q(rank), split.num_kv(rank)
+        grads = torch.zeros(sp * tokens, nq + 2 * nkv, HEAD_DIM, dtype=DTYPE,
+                            device=device).split([nq, nkv, nkv], dim=1)
         dout = randn(tokens, HEADS, HEAD_DIM)
 
         layout = _HeadLayout(split, HEAD_DIM, use_triton)
 
         def run():
             every = _ToRankHeads.apply(layout, rank, group, 1, tokens, q, k, v)
-            out = _Attend.apply(*every, kv_grad, kv_grad)
+            out = _Attend.apply(*every, grads)
             _FromRankHeads.apply(out, split, rank, group, 1, use_triton).backward(dout)
         return run
     if impl == "xtuner":
@@ -95,14 +98,15 @@ def step(impl: str, sp: int, rank: int, group, tokens: int, device, use_triton: 
                                               pre_process_for_sequence_parallel_attn)
 
         q, k, v = (randn(1, tokens, h, HEAD_DIM, grad=True) for h in (HEADS, KV_HEADS, KV_HEADS))
-        kv_grad = torch.zeros(1, sp * tokens, HEADS // sp, HEAD_DIM, dtype=DTYPE, device=device)
+        grads = tuple(torch.zeros(1, sp * tokens, HEADS // sp, HEAD_DIM, dtype=DTYPE,
+                                  device=device) for _ in range(3))
         dout = randn(1, tokens, HEADS, HEAD_DIM)
 
         def run():
             with xtuner_groups(sp, group):
                 every = pre_process_for_sequence_parallel_attn(
                     q, repeat_kv_bshd(k, HEADS // KV_HEADS), repeat_kv_bshd(v, HEADS // KV_HEADS))
-                out = _Attend.apply(*every, kv_grad, kv_grad)
+                out = _Attend.apply(*every, grads)
                 post_process_for_sequence_parallel_attn(out).backward(dout)
         return run
     if impl == "all-to-all":

@@ -80,6 +80,27 @@ def as_rows(name: str, tensor: torch.Tensor, n_cols: int) -> torch.Tensor:
             "cannot be addressed as rows with one row stride; pass .contiguous()") from None
 
 
+def packed_heads(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The ``[tokens, h_0 + h_1 + ..., d]`` contiguous tensor of which ``tensors`` (each
+    ``[tokens, h_i, d]``) are consecutive head ranges, as a view; None when they are not
+    laid out so (a packed ``qkv``, or a sequence-parallel receive buffer, is)."""
+    first = tensors[0]
+    if first.dim() != 3:
+        return None
+    tokens, _, head_dim = first.shape
+    heads = sum(t.shape[1] for t in tensors)
+    storage = first.untyped_storage().data_ptr()
+    expected_ptr = first.data_ptr()
+    for t in tensors:
+        if (t.dim() != 3 or t.shape[0] != tokens or t.shape[2] != head_dim
+                or t.dtype != first.dtype or t.device != first.device
+                or t.stride() != (heads * head_dim, head_dim, 1)
+                or t.untyped_storage().data_ptr() != storage or t.data_ptr() != expected_ptr):
+            return None
+        expected_ptr += t.shape[1] * head_dim * t.element_size()
+    return first.as_strided((tokens, heads, head_dim), (heads * head_dim, head_dim, 1))
+
+
 def check_cu_seqlens(name: str, cu_seqlens, total_tokens: Optional[int]) -> torch.Tensor:
     """Validate a flash-attn style cumulative sequence-length vector.
 

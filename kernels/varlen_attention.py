@@ -35,7 +35,9 @@ heads of its group and the query blocks that see its keys (from the diagonal on)
 and one kernel per (query head, query unit) for dQ.  Every gradient element is
 written by exactly one program after a fixed-order sum, so the backward pass is
 deterministic and needs no atomics; the price is that dQ recomputes S and dP (seven
-matrix products per tile pair instead of five).
+matrix products per tile pair instead of five).  When q, k and v are consecutive head
+ranges of one tensor, dq, dk and dv are too (of a new one): the gradient of a packed
+input needs no concatenation.
 """
 
 import math
@@ -46,7 +48,7 @@ import triton
 import triton.language as tl
 
 from kernels._runtime import (INTERPRETER, TensorMemo, autotune_configs, check_cu_seqlens,
-                             check_max_seqlen, check_tensor)
+                              check_max_seqlen, check_tensor, packed_heads)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # 96 runs in 128-wide tiles with masked columns.  256 would need smaller tiles than the
@@ -537,9 +539,15 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, q_work, kv_work, scale, causa
     group = hq // hkv
     if dout.stride(-1) != 1 or dout.stride(0) * _UNIT >= 2 ** 31:
         dout = dout.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if total_q == k.shape[0] and packed_heads((q, k, v)) is not None:
+        # Gradients laid out as the inputs are: whoever packed q, k and v (the
+        # sequence-parallel exchange) passes their gradient on as one tensor, no copy.
+        dqkv = torch.empty((total_q, hq + 2 * hkv, d), dtype=q.dtype, device=q.device)
+        dq, dk, dv = dqkv.split([hq, hkv, hkv], dim=1)
+    else:
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty((hq, total_q), dtype=torch.float32, device=q.device)
     block_d = _block_d(d)
     upcast = _upcast(q)

@@ -5,7 +5,7 @@ import weakref
 
 import torch
 
-from kernels._runtime import TensorMemo
+from kernels._runtime import TensorMemo, packed_heads
 
 
 class _Counter:
@@ -68,3 +68,24 @@ def test_memo_keeps_no_tensor_alive_and_forgets_dead_ones():
     assert alive() is None
     # A new tensor (possibly at the dead one's address) is computed afresh.
     assert memo.get((torch.arange(4),), None, compute) == 2
+
+
+def test_packed_heads_finds_the_tensor_of_consecutive_head_ranges():
+    whole = torch.randn(5, 7, 4)
+    q, k, v = whole.split([4, 2, 1], dim=1)
+    view = packed_heads((q, k, v))
+    assert view is not None and view.data_ptr() == whole.data_ptr()
+    assert torch.equal(view, whole)
+    offset = torch.randn(5, 9, 4)[:, 2:]  # rows wider than the heads given
+    assert packed_heads(offset.split([4, 2, 1], dim=1)) is None
+
+
+def test_packed_heads_refuses_anything_else():
+    whole = torch.randn(5, 7, 4)
+    q, k, v = whole.split([4, 2, 1], dim=1)
+    assert packed_heads((q, v, k)) is None  # out of order
+    assert packed_heads((q, k, v.clone())) is None  # another storage
+    assert packed_heads((q, k)) is None  # rows wider than these heads
+    gap = torch.randn(5, 8, 4)
+    assert packed_heads((gap[:, :4], gap[:, 5:])) is None  # a head between them
+    assert packed_heads((whole[:, :4].double(), whole[:, 4:])) is None

@@ -21,6 +21,7 @@ import torch
 from kernels import pack_heads, rotary_inv_freq, split_heads, split_qkv_rotary, unpack_heads
 from kernels.reference import (pack_heads_reference, pack_qkv_rotary_reference,
                                unpack_heads_reference)
+from kernels._runtime import packed_heads
 from kernels.sp_layout import pack_qkv_rotary, unpack_qkv_rotary
 from tests.helpers import DEVICE, REL_TOL, assert_rel_close, randn
 from tests.xtuner_run import REPO, TINY_CONFIG, iteration_metrics, train, training_env
@@ -191,6 +192,36 @@ def test_layouts_at_internlm2_7b_shapes_in_bf16(gen, sp):
                  for x in split_qkv_rotary(qkv, 8, head_dim, **rope))
         assert torch.equal(pack_qkv_rotary(split, qkv, head_dim, **rope)[0],
                            pack_heads(split, *parts))
+
+
+def test_attention_gradients_reach_the_exchange_without_a_copy(gen, monkeypatch, tmp_path):
+    """The kernel's gradients of the received q, k, v views are views of one buffer, so
+    the backward exchange sends them as they are (no concatenation)."""
+    import torch.distributed as dist
+
+    import xtuner_patch.sequence_parallel as sp_module
+
+    found = []
+
+    def spy(tensors):
+        whole = packed_heads(tensors)
+        found.append(whole is not None)
+        return whole
+
+    monkeypatch.setattr(sp_module, "packed_heads", spy)
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        q = randn((1, 24, 4, 64), torch.float32, generator=gen).requires_grad_()
+        k, v = (randn((1, 24, 2, 64), torch.float32, generator=gen).requires_grad_()
+                for _ in range(2))
+        out = sp_module.attention(q, k, v, dist.group.WORLD)
+        out.backward(torch.ones_like(out))
+    finally:
+        dist.destroy_process_group()
+    assert found == [True]
+    assert all(t.grad is not None and bool(t.grad.abs().sum() > 0) for t in (q, v))
 
 
 # ------------------------------------------------------------------- multi-rank runs

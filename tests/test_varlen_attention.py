@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kernels import attn_func, varlen_attn_func
+from kernels._runtime import packed_heads
 from kernels.reference import varlen_attn_reference
 from kernels.varlen_attention import SUPPORTED_HEAD_DIMS
 from tests.baselines import fa2_name, fa2_unavailable_reason, fa2_varlen
@@ -137,6 +138,27 @@ def test_strided_views_of_fused_qkv(layout, dtype, gen):
     ref.backward(dout.double())
     assert_rel_close(out, ref, dtype, name="out")
     assert_rel_close(qkv.grad, qkv64.grad, dtype, factor=GRAD_FACTOR, name="dqkv")
+
+
+def test_gradients_of_packed_heads_are_one_buffer(gen):
+    """q, k, v as consecutive head ranges of one tensor (the sequence-parallel receive
+    buffer): dq, dk, dv come back as consecutive head ranges of one tensor too."""
+    hq, hkv, d = 4, 2, 64
+    lengths = [19, 0, 26]
+    total = sum(lengths)
+    cu = _cu(lengths).to(DEVICE)
+    qkv = randn((total, hq + 2 * hkv, d), torch.float32, generator=gen).requires_grad_()
+    q, k, v = qkv.split([hq, hkv, hkv], dim=1)
+    out = varlen_attn_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+    dout = randn((total, hq, d), torch.float32, generator=gen)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    dqkv = packed_heads(grads)
+    assert dqkv is not None
+
+    qkv64 = qkv.detach().double().requires_grad_()
+    ref, _ = varlen_attn_reference(*qkv64.split([hq, hkv, hkv], dim=1), cu, cu, causal=True)
+    ref.backward(dout.double())
+    assert_rel_close(dqkv, qkv64.grad, torch.float32, factor=GRAD_FACTOR, name="dqkv")
 
 
 def test_padded_batch_wrapper(gen):

@@ -23,10 +23,12 @@ attends over at most ``ceil(hq / sp)`` heads, never more than XTuner's alternati
 gives it (splitting head_dim over an inner group, all-gathering it, and computing each
 head on several ranks).
 
-The backward pass runs the same exchanges in reverse, with :func:`kernels.unpack_heads`
-summing the gradients of kv heads sent to several ranks (or
-:func:`kernels.sp_layout.unpack_qkv_rotary` rotating them back into ``wqkv``'s output
-gradient).  The loss stays XTuner's:
+The backward pass runs the same exchanges in reverse.  The attention kernel returns the
+gradients of the received q, k, v views as views of one buffer, which is the send buffer
+of the reverse exchange as it is (no concatenation).  What comes back,
+:func:`kernels.unpack_heads` reads into q, k, v gradients, summing those of kv heads sent
+to several ranks (or :func:`kernels.sp_layout.unpack_qkv_rotary` rotates it back into
+``wqkv``'s output gradient).  The loss stays XTuner's:
 ``SupervisedFinetune`` splits the data and reduces the loss over the group
 (``reduce_sequence_parallel_loss``).  Layout transforms run as Triton kernels where
 :func:`xtuner_patch.ops.use_triton` says so, else as their PyTorch references.
@@ -39,6 +41,7 @@ import torch.distributed as dist
 
 import kernels
 from kernels import reference
+from kernels._runtime import packed_heads
 from kernels.sp_layout import HeadSplit, pack_qkv_rotary, split_heads, unpack_qkv_rotary
 
 from . import ops
@@ -248,7 +251,12 @@ class _ToRankHeads(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         layout, rank, group, bsz, tokens = ctx.args
         split, head_dim = layout.split, layout.head_dim
-        grad = _to_rank_major(torch.cat([dq, dk, dv], dim=1), bsz, split.world_size)
+        # Our attention's gradients of the received views are views of one buffer
+        # already (kernels.varlen_attention); other attention paths get concatenated.
+        every = packed_heads((dq, dk, dv))
+        if every is None:
+            every = torch.cat([dq, dk, dv], dim=1)
+        grad = _to_rank_major(every, bsz, split.world_size)
         back = _exchange(grad, split.chunk_numels(tokens, head_dim),
                          [tokens * split.width(rank) * head_dim] * split.world_size, group)
         return (None, None, None, None, None, *layout.unpack(back, tokens))
