@@ -49,6 +49,7 @@ Targets are checked on the host (one synchronisation per call): a target outside
 ``[0, V)`` that is not ``ignore_index`` raises ``ValueError`` instead of a device assert.
 """
 
+import functools
 from typing import Optional
 
 import torch
@@ -79,10 +80,6 @@ GRAD_WEIGHT_MODES = ("auto", "accumulate", "recompute")
 # has no fp32-output addmm for half inputs: the temporary in the input dtype is
 # GRAD_WEIGHT_SLICE x H (64 MiB at H = 4096 in bf16).
 GRAD_WEIGHT_SLICE = 8192
-
-# Per device: whether torch.addmm(out_dtype=float32) adds a half-precision product into
-# an fp32 tensor in place there.
-_FP32_OUT_ADDMM = {}
 
 # Vocabulary columns per iteration of the row kernel (at most), and its warps.
 _BLOCK_V = 4096
@@ -175,21 +172,24 @@ def _rows_kernel(logits, targets, losses, lse, scale, ignore_index, *, first_col
 
 def _has_fp32_out_addmm(device: torch.device) -> bool:
     """Whether ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` works for
-    half-precision ``a``, ``b`` on ``device``: checked once per device, on a 2 x 2 case
-    whose result is exact."""
+    half-precision ``a``, ``b`` on ``device`` (CUDA only)."""
     if device.type != "cuda":
         return False
-    key = (device.type, device.index)
-    if key not in _FP32_OUT_ADDMM:
-        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16, device=device)
-        acc = torch.ones(2, 2, dtype=torch.float32, device=device)
-        try:
-            torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
-            works = torch.equal(acc.cpu(), torch.tensor([[6.0, 12.0], [12.0, 26.0]]))
-        except (RuntimeError, TypeError):  # an older torch, or no such kernel
-            works = False
-        _FP32_OUT_ADDMM[key] = works
-    return _FP32_OUT_ADDMM[key]
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_has_fp32_out_addmm(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_has_fp32_out_addmm(index: int) -> bool:
+    # Checked once per device, on a 2 x 2 case whose result is exact.
+    device = torch.device("cuda", index)
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16, device=device)
+    acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+    try:
+        torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):  # an older torch, or no such kernel
+        return False
+    return torch.equal(acc.cpu(), torch.tensor([[6.0, 12.0], [12.0, 26.0]]))
 
 
 def _add_half_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

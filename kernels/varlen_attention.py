@@ -465,8 +465,9 @@ class _Plan:
     """What the launchers need from one ``(cu_seqlens_q, cu_seqlens_k)`` pair.
 
     Holds the validated per-sequence lengths (host int64) and the autotuning bucket of
-    the longest, the two cu_seqlens on the device of q, and the work lists, built on first use for each ``causal`` and each
-    of the two row kinds (query units for the forward and dQ, key units for dK/dV).
+    the longest, the two cu_seqlens on the device of q, and the work lists, built on
+    first use for each ``causal`` and each of the two row kinds (query units for the
+    forward and dQ, key units for dK/dV).
     """
 
     def __init__(self, lens_q, lens_k, cu_q, cu_k):
@@ -539,7 +540,7 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, q_work, kv_work, scale, causa
     group = hq // hkv
     if dout.stride(-1) != 1 or dout.stride(0) * _UNIT >= 2 ** 31:
         dout = dout.contiguous()
-    if total_q == k.shape[0] and packed_heads((q, k, v)) is not None:
+    if packed_heads((q, k, v)) is not None:
         # Gradients laid out as the inputs are: whoever packed q, k and v (the
         # sequence-parallel exchange) passes their gradient on as one tensor, no copy.
         dqkv = torch.empty((total_q, hq + 2 * hkv, d), dtype=q.dtype, device=q.device)

@@ -68,8 +68,8 @@ run_step() {  # name limit command...: runs within both its own limit and what i
 run_step gpu-tests "${GPU_TEST_TIMEOUT:-150}" \
   "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$RESULTS/gpu-tests.xml"
 # One pytest run (and JSON file) per benchmark family, most important first (the whole
-# training step, then the families never timed on a GPU before RMSNorm and RoPE), so that
-# a family cut by the time limit does not take the others' time.
+# training step, then attention, then the other kernel families), so that a
+# family cut by the time limit does not take the others' time.
 export XTUNER_PATCH_PROFILE_DIR=$RESULTS  # the training step's per-operator profiles
 for family in ${BENCH_FAMILIES:-train_step varlen_attention cross_entropy swiglu sequence_parallel rms_norm rotary}; do
   run_step "bench-$family" "${BENCH_TIMEOUT:-150}" \
