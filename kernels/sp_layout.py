@@ -30,7 +30,9 @@ When every kv head goes to exactly one rank (``hkv % sp == 0``), :func:`pack_qkv
 writes the send buffer straight from InternLM2's fused ``wqkv`` output, split and
 rotated on the way by the RoPE kernel of :mod:`kernels.rotary` (one launch per rank,
 no intermediate q/k/v), and :func:`unpack_qkv_rotary` is its backward: the inverse
-rotation from a gradient buffer into the gradient of ``wqkv``'s output.
+rotation from a gradient buffer into the gradient of ``wqkv``'s output.  On the way
+back, :func:`pack_linear_input_grad` lets the GEMM of the output projection's input
+gradient write the send buffer of the backward exchange itself.
 
 One Triton kernel does every other transform, driven by a small per-split table of
 ``(tensor, head) <- (rank chunk, slot)`` entries; one program moves ``BLOCK_T`` tokens
@@ -290,6 +292,54 @@ def unpack_heads(split: HeadSplit, buffer: torch.Tensor, tokens: int, head_dim: 
                                   device=buffer.device) for _ in range(2))
     _launch(split, outs, buffer, tokens, head_dim, to_buffer=False)
     return outs
+
+
+def pack_linear_input_grad(split: HeadSplit, grad_output: torch.Tensor,
+                           weight: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_heads` of ``grad_output @ weight``, computed in place by the GEMM.
+
+    The input gradient of a linear layer ``y = x @ weight.T`` whose input ``x``
+    ``[tokens, hq * d]`` is an :func:`unpack_heads` of the attention output, as the send
+    buffer of the backward exchange (chunk ``r``: the columns of rank ``r``'s query
+    heads), with no ``[tokens, hq * d]`` intermediate and no copy.
+    ``grad_output``: ``[tokens, out_features]``; ``weight``: ``[out_features, hq * d]``,
+    both one dtype and device.  Every element is one whole dot product as in
+    ``grad_output @ weight`` (the GEMMs split columns, never the reduction): one batched
+    GEMM when every rank holds as many heads, one GEMM per rank otherwise.  Plain
+    PyTorch: runs wherever ``torch.mm`` does.
+    """
+    _check_split(split)
+    for name, t in (("grad_output", grad_output), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must have 2 dimensions, got shape {tuple(t.shape)}")
+    if grad_output.dtype != weight.dtype or grad_output.device != weight.device:
+        raise ValueError(f"grad_output ({grad_output.dtype} on {grad_output.device}) and weight "
+                         f"({weight.dtype} on {weight.device}) must match")
+    (tokens, features), (out_features, in_features) = grad_output.shape, weight.shape
+    if features != out_features or in_features % split.num_heads:
+        raise ValueError(f"weight must be [{features}, {split.num_heads} * head_dim] for "
+                         f"grad_output of shape {tuple(grad_output.shape)}, got "
+                         f"{tuple(weight.shape)}")
+    head_dim = in_features // split.num_heads
+    buffer = grad_output.new_empty(tokens * in_features)
+    widths = {split.num_q(r) for r in range(split.world_size)}
+    if len(widths) == 1:
+        # Chunk r = grad_output @ weight[:, r-th block of columns]: a batch over ranks of
+        # strided views of the same operands (batch strides 0 and the block width).
+        cols = widths.pop() * head_dim
+        blocks = weight.view(out_features, split.world_size, cols).transpose(0, 1)
+        torch.bmm(grad_output.expand(split.world_size, tokens, features), blocks,
+                  out=buffer.view(split.world_size, tokens, cols))
+        return buffer
+    start = 0
+    for r in range(split.world_size):
+        first, last = split.q_bounds[r] * head_dim, split.q_bounds[r + 1] * head_dim
+        chunk = buffer[start:start + tokens * (last - first)].view(tokens, last - first)
+        torch.mm(grad_output, weight[:, first:last], out=chunk)
+        start += chunk.numel()
+    return buffer
 
 
 class QKVRotary(NamedTuple):

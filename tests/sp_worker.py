@@ -5,7 +5,8 @@ Every rank builds the same whole-sequence inputs from one seed, keeps its slice 
 the sequence, runs the sequence-parallel path and compares its output and gradients
 with a single-rank computation of the whole sequence.  Rank 0 writes
 ``{case: {quantity: relative error}}`` (the worst over ranks), which layers packed the
-send buffer straight from ``wqkv``'s output, and the messages of impossible layouts as
+send buffers straight from ``wqkv``'s output and from ``wo``'s input gradient GEMMs,
+and the messages of impossible layouts as
 JSON to ``argv[1]``.
 """
 
@@ -36,9 +37,13 @@ ATTENTION_CASES = {
         ("fewer_heads_than_ranks", 2, 1, torch.float32, 1, 32, [0, 16, 32], 0),
         ("padded_batch", 8, 2, torch.float32, 2, 16, None, 0)],
 }
-# (name, num_attention_heads, num_key_value_heads, packed varlen row or 2 whole rows):
-# the tiny preset is 4 / 1.
-LAYER_CASES = [("tiny", 4, 1, True), ("kv_divisible", 8, 4, True), ("rows", 8, 4, False)]
+# (name, num_attention_heads, num_key_value_heads, packed varlen row or 2 whole rows,
+#  biases in wqkv / wo, a forward hook on wo): the tiny preset is 4 / 1.
+LAYER_CASES = [("tiny", 4, 1, True, False, False),
+               ("kv_divisible", 8, 4, True, False, False),
+               ("rows", 8, 4, False, False, False),
+               ("heads_not_divisible_bias", 6, 2, True, True, False),  # uneven at sp 4
+               ("wo_hooked", 8, 4, True, False, True)]
 
 
 def _worst(value: float) -> float:
@@ -104,12 +109,12 @@ def layer_case(group, rank, sp, case, seed, tmp):
     from xtuner_patch import sequence_parallel
     from xtuner_patch.patch import KernelSwitches
 
-    name, heads, kv_heads, packed = case
-    path = os.path.join(tmp, f"heads{heads}_kv{kv_heads}")
+    name, heads, kv_heads, packed, bias, hook_wo = case
+    path = os.path.join(tmp, f"heads{heads}_kv{kv_heads}_bias{int(bias)}")
     if rank == 0:
         build_internlm2_checkpoint(path, "tiny", num_hidden_layers=1,
                                    num_attention_heads=heads, num_key_value_heads=kv_heads,
-                                   hidden_size=64 * heads)
+                                   hidden_size=64 * heads, bias=bias)
     for turn in range(sp):  # one rank at a time writes Hugging Face's remote-code cache
         dist.barrier()
         if turn == rank:
@@ -117,6 +122,8 @@ def layer_case(group, rank, sp, case, seed, tmp):
             model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
     attn = model.model.layers[0].attention
     dispatch_internlm2(attn, KernelSwitches(), use_varlen_attn=packed)
+    if hook_wo:  # e.g. what ZeRO-3 does: wo must then run as a module
+        attn.wo.register_forward_hook(lambda module, args, out: out)
 
     gen = make_generator(seed)
     row, bsz = 16 * sp, 1 if packed else 2
@@ -132,19 +139,26 @@ def layer_case(group, rank, sp, case, seed, tmp):
     attn.train()
     assert sequence_parallel.group_for(attn) is group
     local = _shard(hidden, rank, sp).detach().requires_grad_()
-    fused_packs = []
+    fused_packs, fused_projections = [], []
     pack = sequence_parallel._RotaryQKVLayout.pack
+    project_back = sequence_parallel.pack_linear_input_grad
 
     def counting_pack(self, qkv):
         fused_packs.append(qkv.shape)
         return pack(self, qkv)
 
+    def counting_project_back(*args):
+        fused_projections.append(args[1].shape)
+        return project_back(*args)
+
     sequence_parallel._RotaryQKVLayout.pack = counting_pack
+    sequence_parallel.pack_linear_input_grad = counting_project_back
     try:
         out = attn(local, position_ids=_shard(position_ids, rank, sp))[0]
+        (out * _shard(weight, rank, sp)).sum().backward()
     finally:
         sequence_parallel._RotaryQKVLayout.pack = pack
-    (out * _shard(weight, rank, sp)).sum().backward()
+        sequence_parallel.pack_linear_input_grad = project_back
     grads = {n: p.grad.clone() for n, p in attn.named_parameters()}
     for g in grads.values():
         dist.all_reduce(g)
@@ -159,7 +173,7 @@ def layer_case(group, rank, sp, case, seed, tmp):
               "dhidden": rel_error(local.grad, _shard(whole.grad, rank, sp))}
     for n, p in attn.named_parameters():
         errors["d" + n] = rel_error(grads[n], p.grad)
-    return name, errors, bool(fused_packs)
+    return name, errors, {"wqkv": bool(fused_packs), "wo": bool(fused_projections)}
 
 
 def error_messages(group, sp):
@@ -191,11 +205,11 @@ def main():
     for i, case in enumerate(ATTENTION_CASES[sp]):
         name, errors = attention_case(group, rank, sp, case, seed=1000 * sp + i)
         results["attention/" + name] = {k: _worst(v) for k, v in errors.items()}
-    results["wqkv_packed_directly"] = {}
+    results["fused"] = {}
     for i, case in enumerate(LAYER_CASES):
         name, errors, fused = layer_case(group, rank, sp, case, seed=2000 * sp + i, tmp=tmp)
         results["layer/" + name] = {k: _worst(v) for k, v in errors.items()}
-        results["wqkv_packed_directly"][name] = fused
+        results["fused"][name] = fused
     results["errors"] = error_messages(group, sp)
     if rank == 0:
         with open(out_path, "w") as f:

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from kernels import pack_heads, rotary_inv_freq, split_heads, split_qkv_rotary, unpack_heads
-from kernels.reference import (pack_heads_reference, pack_qkv_rotary_reference,
-                               unpack_heads_reference)
+from kernels.reference import (pack_heads_reference, pack_linear_input_grad_reference,
+                               pack_qkv_rotary_reference, unpack_heads_reference)
 from kernels._runtime import packed_heads
-from kernels.sp_layout import pack_qkv_rotary, unpack_qkv_rotary
+from kernels.sp_layout import pack_linear_input_grad, pack_qkv_rotary, unpack_qkv_rotary
 from tests.helpers import DEVICE, REL_TOL, assert_rel_close, randn
 from tests.xtuner_run import REPO, TINY_CONFIG, iteration_metrics, train, training_env
 
@@ -144,6 +144,35 @@ def test_wqkv_output_packed_with_rope_matches_split_then_pack(gen, hq, hkv, sp, 
     assert_rel_close(unpack_qkv_rotary(split, grad.to(dtype), rotary), qkv64.grad, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("hq,hkv,sp", SPLITS)
+def test_linear_input_gradient_is_packed_by_its_gemms(gen, hq, hkv, sp, dtype):
+    """Each element is the whole dot product of one GEMM: against one GEMM then a pack,
+    with grad_output strided as a transposed tensor (even splits take one batched GEMM,
+    uneven ones a GEMM per rank)."""
+    split = split_heads(hq, hkv, sp)
+    tokens, head_dim, features = 7, 16, 40
+    grad = randn((features, tokens), dtype, generator=gen).t()
+    weight = randn((features, hq * head_dim), dtype, generator=gen)
+    got = pack_linear_input_grad(split, grad, weight)
+    assert got.shape == (sum(split.chunk_numels(tokens, head_dim, kv=False)),)
+    want = pack_linear_input_grad_reference(split, grad.double(), weight.double())
+    assert_rel_close(got, want, dtype)
+
+
+def test_linear_input_gradient_errors_name_the_problem(gen):
+    split = split_heads(4, 2, 2)
+    grad, weight = torch.zeros(3, 8), torch.zeros(8, 4 * 16)
+    with pytest.raises(ValueError, match="grad_output must have 2 dimensions"):
+        pack_linear_input_grad(split, grad[None], weight)
+    with pytest.raises(ValueError, match=r"weight must be \[8, 4 \* head_dim\]"):
+        pack_linear_input_grad(split, grad, weight[:, :30])
+    with pytest.raises(ValueError, match="must match"):
+        pack_linear_input_grad(split, grad, weight.double())
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        pack_linear_input_grad(split, grad, None)
+
+
 def test_layout_errors_name_the_problem(gen):
     split = split_heads(4, 2, 2)
     q, k, v = _qkv(gen, split, 3, 64, torch.float32)
@@ -192,6 +221,20 @@ def test_layouts_at_internlm2_7b_shapes_in_bf16(gen, sp):
                  for x in split_qkv_rotary(qkv, 8, head_dim, **rope))
         assert torch.equal(pack_qkv_rotary(split, qkv, head_dim, **rope)[0],
                            pack_heads(split, *parts))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sp", [2, 3, 8])
+def test_wo_input_gradient_packed_at_internlm2_7b_shapes_in_bf16(gen, sp):
+    """The batched GEMM (sp 2, 8) and the per-rank GEMMs (sp 3: 11/11/10 heads) on
+    cuBLAS: each chunk within bf16 rounding of a float64 product."""
+    split = split_heads(32, 8, sp)
+    tokens, dtype = 32768 // sp, torch.bfloat16
+    grad = randn((tokens, 4096), dtype, generator=gen)
+    weight = randn((4096, 4096), dtype, generator=gen) / 64
+    assert_rel_close(pack_linear_input_grad(split, grad, weight),
+                     pack_linear_input_grad_reference(split, grad.double(), weight.double()),
+                     dtype)
 
 
 def test_attention_gradients_reach_the_exchange_without_a_copy(gen, monkeypatch, tmp_path):
@@ -267,9 +310,18 @@ def test_sequence_parallel_matches_one_rank(sp_results, sp, case, dtype):
 
 @pytest.mark.parametrize("sp", [2, 4])
 def test_wqkv_output_is_packed_directly_when_kv_heads_divide(sp_results, sp):
-    # tiny: 1 kv head over sp ranks (split_qkv_rotary + pack_heads); 4 kv heads divide.
-    assert sp_results[sp]["wqkv_packed_directly"] == {"tiny": False, "kv_divisible": True,
-                                                      "rows": True}
+    # tiny: 1 kv head over sp ranks (split_qkv_rotary + pack_heads); 4 kv heads divide,
+    # 2 do at sp 2 only.
+    fused = {name: paths["wqkv"] for name, paths in sp_results[sp]["fused"].items()}
+    assert fused == {"tiny": False, "kv_divisible": True, "rows": True,
+                     "heads_not_divisible_bias": sp == 2, "wo_hooked": True}
+
+
+@pytest.mark.parametrize("sp", [2, 4])
+def test_wo_input_gradient_is_packed_by_its_gemms_unless_wo_has_hooks(sp_results, sp):
+    fused = {name: paths["wo"] for name, paths in sp_results[sp]["fused"].items()}
+    assert fused == {"tiny": True, "kv_divisible": True, "rows": True,
+                     "heads_not_divisible_bias": True, "wo_hooked": False}
 
 
 @pytest.mark.parametrize("sp", [2, 4])

@@ -23,7 +23,11 @@ attends over at most ``ceil(hq / sp)`` heads, never more than XTuner's alternati
 gives it (splitting head_dim over an inner group, all-gathering it, and computing each
 head on several ranks).
 
-The backward pass runs the same exchanges in reverse.  The attention kernel returns the
+The backward pass runs the same exchanges in reverse.  When ``wo`` is a plain
+``nn.Linear`` (no LoRA, no ZeRO-3 hooks, no autocast), its input gradient is computed
+by GEMMs straight into the send buffer of the output's reverse exchange
+(:func:`kernels.sp_layout.pack_linear_input_grad`) rather than packed after one GEMM.
+The attention kernel returns the
 gradients of the received q, k, v views as views of one buffer, which is the send buffer
 of the reverse exchange as it is (no concatenation).  What comes back,
 :func:`kernels.unpack_heads` reads into q, k, v gradients, summing those of kv heads sent
@@ -42,7 +46,8 @@ import torch.distributed as dist
 import kernels
 from kernels import reference
 from kernels._runtime import packed_heads
-from kernels.sp_layout import HeadSplit, pack_qkv_rotary, split_heads, unpack_qkv_rotary
+from kernels.sp_layout import (HeadSplit, pack_linear_input_grad, pack_qkv_rotary, split_heads,
+                               unpack_qkv_rotary)
 
 from . import ops
 
@@ -96,9 +101,44 @@ def attention_forward(module, hidden_states: torch.Tensor, group,
         inputs = tuple(x.reshape(bsz * tokens, x.shape[-2], head_dim) for x in (q, k, v))
     cumulative_len, max_seqlen = (internlm2._message_hub_varlen_args()
                                   if module.xtuner_patch_varlen else (None, None))
+    projection = _plain_linear(module.wo, qkv)
     out = _attend(layout, inputs, group, bsz, tokens, cumulative_len, max_seqlen,
-                  attention_mask)
+                  attention_mask, projection)
+    if projection is not None:
+        return out.view(bsz, tokens, -1)
     return module.wo(out.reshape(bsz, tokens, split.num_heads * head_dim))
+
+
+def _plain_linear(linear, x: torch.Tensor) -> Optional[tuple]:
+    """``(weight, bias)`` of ``linear`` when ``F.linear`` with them is all its forward
+    would do on ``x`` (``wqkv``'s output, for its dtype and device), else None: then the
+    module runs as it is and its input gradient is packed by a separate pass."""
+    from torch.nn.modules import module as nn_module
+
+    hooks = (linear._forward_hooks, linear._forward_pre_hooks, linear._backward_hooks,
+             linear._backward_pre_hooks, nn_module._global_forward_hooks,
+             nn_module._global_forward_pre_hooks, nn_module._global_backward_hooks,
+             nn_module._global_backward_pre_hooks)
+    if type(linear) is not torch.nn.Linear:
+        reason = f"it is a {type(linear).__name__} (e.g. LoRA), not a torch.nn.Linear"
+    elif any(hooks) or hasattr(linear.weight, "ds_id"):
+        reason = "it has hooks (e.g. DeepSpeed ZeRO-3 gathering its weight)"
+    elif torch.is_autocast_enabled(x.device.type):
+        reason = "autocast picks its GEMM's dtype"
+    elif (linear.weight.dtype, linear.weight.device) != (x.dtype, x.device):
+        reason = f"its weight is {linear.weight.dtype} on {linear.weight.device}, its input " \
+                 f"{x.dtype} on {x.device}"
+    else:
+        return linear.weight, linear.bias
+    if reason not in _unfused_reasons:
+        _unfused_reasons.add(reason)
+        ops.logger.info("xtuner-patch: sequence parallel calls the attention output "
+                        "projection as a module, its input gradient packed by a separate "
+                        "pass: %s", reason)
+    return None
+
+
+_unfused_reasons = set()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *,
@@ -125,8 +165,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *,
 
 
 def _attend(layout, inputs, group, bsz: int, tokens: int, cumulative_len, max_seqlen,
-            attention_mask) -> torch.Tensor:
-    """Exchange, attend over whole rows, exchange back: ``[bsz * tokens, hq, d]``."""
+            attention_mask, projection: Optional[tuple] = None) -> torch.Tensor:
+    """Exchange, attend over whole rows, exchange back: ``[bsz * tokens, hq, d]``, or
+    with ``projection`` ``(weight, bias)`` that output projected: ``[bsz * tokens, out]``."""
     split, rank = layout.split, dist.get_rank(group)
     cu_seqlens, max_seqlen = _row_bounds(bsz, tokens, split.world_size, cumulative_len,
                                          max_seqlen, attention_mask, inputs[0].device)
@@ -136,7 +177,8 @@ def _attend(layout, inputs, group, bsz: int, tokens: int, cumulative_len, max_se
     else:
         # No heads on this rank: an empty output that keeps it in the backward exchanges.
         out = q.clone()
-    return _FromRankHeads.apply(out, split, rank, group, bsz, layout.use_triton)
+    weight, bias = projection if projection is not None else (None, None)
+    return _FromRankHeads.apply(out, weight, bias, split, rank, group, bsz, layout.use_triton)
 
 
 def _row_bounds(bsz, tokens, sp, cumulative_len, max_seqlen, attention_mask, device):
@@ -264,25 +306,44 @@ class _ToRankHeads(torch.autograd.Function):
 
 class _FromRankHeads(torch.autograd.Function):
     """Every token of this rank's heads ``[sp * tokens, h_rank, d]`` -> this rank's tokens of
-    every head ``[tokens, hq, d]``."""
+    every head ``[tokens, hq, d]``; with ``weight`` (and ``bias``), those times
+    ``weight.T`` (+ ``bias``): the output projection ``[tokens, out_features]``, whose
+    input gradient the backward computes straight into the send buffer of the reverse
+    exchange (:func:`kernels.sp_layout.pack_linear_input_grad`) instead of packing it."""
 
     @staticmethod
-    def forward(ctx, out, split: HeadSplit, rank, group, bsz, use_triton):
+    def forward(ctx, out, weight, bias, split: HeadSplit, rank, group, bsz, use_triton):
         _, unpack = _transforms(use_triton)
         sp, head_dim = split.world_size, out.shape[2]
         tokens = out.shape[0] // sp
         recv = _exchange(_to_rank_major(out.contiguous(), bsz, sp),
                          split.chunk_numels(tokens, head_dim, kv=False),
                          [tokens * split.num_q(rank) * head_dim] * sp, group)
-        ctx.args = (split, rank, group, bsz, use_triton, tokens)
-        return unpack(split, recv, tokens, head_dim, kv=False)[0]
+        ctx.args = (split, rank, group, bsz, use_triton, tokens, head_dim)
+        ctx.projected = weight is not None
+        heads = unpack(split, recv, tokens, head_dim, kv=False)[0]
+        if not ctx.projected:
+            return heads
+        heads = heads.view(tokens, -1)
+        ctx.save_for_backward(heads, weight)
+        return torch.nn.functional.linear(heads, weight, bias)
 
     @staticmethod
-    def backward(ctx, dout):
-        split, rank, group, bsz, use_triton, tokens = ctx.args
-        pack, _ = _transforms(use_triton)
-        sp, head_dim, width = split.world_size, dout.shape[2], split.num_q(rank)
-        back = _exchange(pack(split, dout), [tokens * width * head_dim] * sp,
+    def backward(ctx, grad):
+        split, rank, group, bsz, use_triton, tokens, head_dim = ctx.args
+        sp, width = split.world_size, split.num_q(rank)
+        grad_weight = grad_bias = None
+        if ctx.projected:
+            heads, weight = ctx.saved_tensors
+            send = pack_linear_input_grad(split, grad, weight)
+            if ctx.needs_input_grad[1]:
+                grad_weight = grad.t().mm(heads)
+            if ctx.needs_input_grad[2]:
+                grad_bias = grad.sum(0)
+        else:
+            pack, _ = _transforms(use_triton)
+            send = pack(split, grad)
+        back = _exchange(send, [tokens * width * head_dim] * sp,
                          split.chunk_numels(tokens, head_dim, kv=False), group)
         return (_to_row_major(back, bsz, sp, (sp * tokens, width, head_dim)),
-                None, None, None, None, None)
+                grad_weight, grad_bias, None, None, None, None, None)

@@ -62,3 +62,10 @@ def pack_qkv_rotary_reference(split, qkv: torch.Tensor, head_dim: int, **rope) -
     :func:`~kernels.sp_layout.unpack_qkv_rotary`)."""
     q, k, v = split_qkv_rotary_reference(qkv, split.num_kv_heads, head_dim, **rope)
     return pack_heads_reference(split, *(x.reshape(-1, x.shape[-2], head_dim) for x in (q, k, v)))
+
+
+def pack_linear_input_grad_reference(split, grad_output: torch.Tensor,
+                                     weight: torch.Tensor) -> torch.Tensor:
+    """:func:`kernels.sp_layout.pack_linear_input_grad`: one GEMM, then a pack."""
+    heads = (grad_output @ weight).view(grad_output.shape[0], split.num_heads, -1)
+    return pack_heads_reference(split, heads)
