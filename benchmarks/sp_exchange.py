@@ -16,6 +16,7 @@ Implementations (``step``):
   floor ``xtuner-patch`` is measured against.
 
 Attention itself is a free stand-in, so that a step times layouts and exchanges only.
+``layer_step`` adds the RoPE and ``wo`` around them, as a training step runs them.
 """
 
 import contextlib
@@ -124,6 +125,69 @@ def step(impl: str, sp: int, rank: int, group, tokens: int, device, use_triton: 
                 dist.all_to_all_single(recv, send, recv_sizes, send_sizes, group=group)
         return run
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+LAYER_IMPLS = ("xtuner-patch", "no-layout")
+
+
+def layer_step(impl: str, sp: int, rank: int, group, tokens: int, device, *,
+               heads: int = HEADS, kv_heads: int = KV_HEADS, head_dim: int = HEAD_DIM,
+               dtype: torch.dtype = DTYPE):
+    """A callable running what a training step does around one layer's attention,
+    forward + backward: ``wqkv``'s output -> split + RoPE -> attention (the free
+    stand-in) -> ``wo``, with the Triton kernels.
+
+    - ``xtuner-patch``: sequence parallel as training runs it when kv heads divide by
+      ``sp`` (:mod:`xtuner_patch.sequence_parallel`): RoPE writes the send buffer,
+      attention reads views of the received one, its output is unpacked into ``wo``,
+      whose input-gradient GEMMs write the backward send buffer, and the inverse RoPE
+      reads the received gradient;
+    - ``no-layout``: the same RoPE kernel and ``wo`` GEMMs on this rank's tokens with no
+      sequence parallel.  ``xtuner-patch`` minus it is what sequence parallel's layouts
+      add to a step (the exchanges aside).
+    """
+    import torch.nn.functional as F
+
+    from kernels import rotary_inv_freq, split_qkv_rotary
+    from xtuner_patch.sequence_parallel import _FromRankHeads, _RotaryQKVLayout, _ToRankHeads
+
+    split = split_heads(heads, kv_heads, sp)
+    if not split.partitions_kv:
+        raise ValueError(f"{kv_heads} kv heads over {sp} ranks: training would take the "
+                         "general path (sp_layout_fwd_bwd times it)")
+    gen = torch.Generator(device=device).manual_seed(rank)
+
+    def randn(*shape, grad=False):
+        x = torch.randn(shape, generator=gen, device=device).to(dtype)
+        return x.requires_grad_(grad)
+
+    hidden = heads * head_dim
+    qkv = randn(1, tokens, (heads + 2 * kv_heads) * head_dim, grad=True)
+    weight = randn(hidden, hidden, grad=True)
+    dout = randn(tokens, hidden)
+    rope = dict(position_ids=torch.arange(tokens, device=device) + rank * tokens,
+                inv_freq=rotary_inv_freq(head_dim, 1e6, device=device)[0])
+    if impl == "xtuner-patch":
+        nq, nkv = split.num_q(rank), split.num_kv(rank)
+        grads = torch.zeros(sp * tokens, nq + 2 * nkv, head_dim, dtype=dtype,
+                            device=device).split([nq, nkv, nkv], dim=1)
+
+        def run():
+            layout = _RotaryQKVLayout(split, head_dim, rope)
+            every = _ToRankHeads.apply(layout, rank, group, 1, tokens, qkv)
+            out = _Attend.apply(*every, grads)
+            _FromRankHeads.apply(out, weight, None, split, rank, group, 1, True).backward(dout)
+        return run
+    if impl == "no-layout":
+        grads = torch.zeros(1, tokens, heads + 2 * kv_heads, head_dim, dtype=dtype,
+                            device=device).split([heads, kv_heads, kv_heads], dim=2)
+
+        def run():
+            q, k, v = split_qkv_rotary(qkv, kv_heads, head_dim, **rope)
+            out = _Attend.apply(q, k, v, grads)
+            F.linear(out.view(tokens, hidden), weight).backward(dout)
+        return run
+    raise ValueError(f"impl must be one of {LAYER_IMPLS}, got {impl!r}")
 
 
 @contextlib.contextmanager

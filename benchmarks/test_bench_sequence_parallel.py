@@ -17,6 +17,15 @@ xtuner-patch vs XTuner (see ``benchmarks/sp_exchange.py`` for what each step doe
   rate over a device-to-device copy (each layout pass reads and writes what it moves
   once); and ``copy_floor_share_of_nvlink_a2a_estimate``, the first ratio for layouts
   running at copy bandwidth: the least any layout done as separate passes can reach.
+- ``sp_layer_layout_fwd_bwd`` (sp 2, 4, 8; GPU): what the layouts add to a training
+  step.  ``xtuner-patch`` runs RoPE, the layouts and ``wo`` as training runs them
+  (q, k, v packed inside the RoPE kernel, ``wo``'s input gradient written into the send
+  buffer by its GEMMs: only the attention output's unpack is a pass of its own),
+  ``no-layout`` the same RoPE and GEMMs without sequence parallel
+  (``benchmarks.sp_exchange.layer_step``); collectives are counting no-ops as above.
+  The difference over the modelled NVLink all-to-all time (``nvlink_a2a_estimate_s``)
+  is the layout share the issue bounds; ``copy_floor_share_of_nvlink_a2a_estimate`` is
+  the remaining pass at copy bandwidth.
 - ``sp_gloo_fwd_bwd`` (sp 2, CPU): the same with the real all-to-alls over gloo, this
   process being rank 0 and ``python -m benchmarks.sp_exchange`` rank 1;
   ``all-to-all`` moves our bytes with nothing else, so ``xtuner-patch`` minus it is
@@ -35,8 +44,8 @@ import torch
 from benchmarks.conftest import HAS_CUDA, OURS, measure, skip_missing
 from benchmarks.copy_bandwidth import copy_gbps
 from benchmarks.sp_exchange import (DTYPE, GLOO_TOKENS, HEAD_DIM, HEADS, IMPLS, KV_HEADS,
-                                    PROBE, STOP, announce, counting_collectives, gloo_steps,
-                                    list_all_to_all_supported, step)
+                                    LAYER_IMPLS, PROBE, STOP, announce, counting_collectives,
+                                    gloo_steps, layer_step, list_all_to_all_supported, step)
 from kernels.sp_layout import split_heads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,8 +92,7 @@ def test_sp_layout_fwd_bwd(benchmark, sp, impl):
                 rounds=None if HAS_CUDA else 10)
     benchmark.extra_info.update({f"bytes_{k}": v for k, v in expected.items()})
     if HAS_CUDA:
-        # Forward and backward; a rank keeps its own chunk.
-        a2a_seconds = 2 * sum(expected.values()) * (sp - 1) / sp / NVLINK_BYTES_PER_S
+        a2a_seconds = _nvlink_a2a_seconds(expected, sp)
         # Every layout pass reads and writes each byte it moves once.
         copy_seconds = 2 * benchmark.extra_info["bytes"] / (copy_gbps() * 1e9)
         benchmark.extra_info.update(
@@ -96,6 +104,37 @@ def test_sp_layout_fwd_bwd(benchmark, sp, impl):
     if impl == OURS:
         xtuner = _expected_bytes("xtuner", sp, tokens)
         assert 4 * expected["k"] == xtuner["k"] and 4 * expected["v"] == xtuner["v"]
+
+
+def _nvlink_a2a_seconds(bytes_sent: dict, sp: int) -> float:
+    """The modelled time of one layer's exchanges, forward and backward (a rank keeps
+    its own chunk)."""
+    return 2 * sum(bytes_sent.values()) * (sp - 1) / sp / NVLINK_BYTES_PER_S
+
+
+@pytest.mark.parametrize("impl", LAYER_IMPLS)
+@pytest.mark.parametrize("sp", [2, 4, 8])
+def test_sp_layer_layout_fwd_bwd(benchmark, sp, impl):
+    if not HAS_CUDA:
+        pytest.skip("GPU only: training packs q, k, v inside the Triton RoPE kernel "
+                    "(tests/test_benchmark_sp_exchange.py runs these steps on CPU)")
+    _xtuner()  # counting_collectives replaces XTuner's collective too
+    tokens = SEQ_LEN // sp
+    mine = _expected_bytes(OURS, sp, tokens)
+    with counting_collectives(sp) as sent:
+        run = layer_step(impl, sp, 0, None, tokens, torch.device("cuda"))
+        run()
+        assert sent["bytes"] == (2 * sum(mine.values()) if impl == OURS else 0), sent
+        measure(benchmark, run, impl=impl,
+                case=dict(bench="sp_layer_layout_fwd_bwd", model="internlm2-7b", sp=sp,
+                          seq_len=SEQ_LEN, dtype="bf16"))
+    a2a_seconds = _nvlink_a2a_seconds(mine, sp)
+    benchmark.extra_info["nvlink_a2a_estimate_s"] = a2a_seconds
+    if impl == OURS:
+        # The output's unpack, forward only: reads and writes its bytes once.
+        unpack_seconds = 2 * mine["out"] / (copy_gbps() * 1e9)
+        benchmark.extra_info["copy_floor_share_of_nvlink_a2a_estimate"] = (
+            unpack_seconds / a2a_seconds)
 
 
 @pytest.fixture(scope="module")

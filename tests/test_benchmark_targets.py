@@ -38,6 +38,18 @@ def test_values_recorded_on_another_row():
     assert v["issue"] == 6 and v["value"] == 1.0 and not v["met"]
 
 
+def test_time_added_to_a_baseline_as_a_share_of_a_recorded_time():
+    (v,) = _verdicts(_row("xtuner-patch", 1.3, "sp_layer_layout_fwd_bwd",
+                          nvlink_a2a_estimate_s=4.0),
+                     _row("no-layout", 1.0, "sp_layer_layout_fwd_bwd"))
+    assert v["issue"] == 6 and abs(v["value"] - 0.075) < 1e-12 and v["met"]
+    # Without the baseline's row, or the recorded time, there is nothing to judge.
+    assert _verdicts(_row("xtuner-patch", 1.3, "sp_layer_layout_fwd_bwd",
+                          nvlink_a2a_estimate_s=4.0)) == []
+    assert _verdicts(_row("xtuner-patch", 1.3, "sp_layer_layout_fwd_bwd"),
+                     _row("no-layout", 1.0, "sp_layer_layout_fwd_bwd")) == []
+
+
 def test_cases_without_what_a_target_needs_are_left_out():
     assert _verdicts(_row("xtuner-patch", 1.0, "attn_fwd")) == []  # no FA2 row
     assert _verdicts(_row("fa2", 1.0, "attn_fwd")) == []  # no row of ours

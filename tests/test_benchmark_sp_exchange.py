@@ -1,0 +1,50 @@
+"""The GPU-only sequence-parallel layer benchmark's steps run here first (interpreter,
+tiny heads), so that device time goes to measuring them.
+
+``benchmarks.sp_exchange.layer_step`` times training's path (``xtuner-patch``) against
+the same RoPE and ``wo`` without sequence parallel (``no-layout``); with the
+collectives counting no-ops, ours must send exactly the layer's bytes, forward and
+backward, and both must give ``wo``'s weight its gradient.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("xtuner.parallel.sequence")
+
+from benchmarks.sp_exchange import LAYER_IMPLS, counting_collectives, layer_step  # noqa: E402
+from kernels.sp_layout import split_heads  # noqa: E402
+from tests.helpers import DEVICE  # noqa: E402
+
+HEADS, KV_HEADS, HEAD_DIM, TOKENS = 4, 2, 16, 8
+
+
+@pytest.mark.parametrize("sp", [2])
+@pytest.mark.parametrize("impl", LAYER_IMPLS)
+def test_layer_step_sends_the_layer_bytes_and_reaches_wo(impl, sp, monkeypatch):
+    import torch.nn.functional as F
+
+    shapes = dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype=torch.float32)
+    leaves = []
+    linear = F.linear
+
+    def recording_linear(x, weight, *args):
+        leaves.append(weight)
+        return linear(x, weight, *args)
+
+    monkeypatch.setattr(F, "linear", recording_linear)
+    with counting_collectives(sp) as sent:
+        layer_step(impl, sp, 0, None, TOKENS, DEVICE, **shapes)()
+    per_layer = split_heads(HEADS, KV_HEADS, sp).bytes_sent(TOKENS, HEAD_DIM, 4)
+    assert sent["bytes"] == (2 * sum(per_layer.values()) if impl == "xtuner-patch" else 0)
+    (weight,) = leaves
+    assert weight.grad is not None and weight.grad.shape == (HEADS * HEAD_DIM,) * 2
+
+
+def test_layer_step_names_what_it_cannot_time():
+    with pytest.raises(ValueError, match="general path"):
+        layer_step("xtuner-patch", 4, 0, None, TOKENS, DEVICE, heads=HEADS, kv_heads=KV_HEADS,
+                   head_dim=HEAD_DIM)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        layer_step("other", 2, 0, None, TOKENS, DEVICE, heads=HEADS, kv_heads=KV_HEADS,
+                   head_dim=HEAD_DIM)
