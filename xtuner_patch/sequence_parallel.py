@@ -7,7 +7,8 @@ layer, on each rank::
 
     wqkv -> split + RoPE (its own positions) into the send buffer -> all_to_all_single
          -> [sp * tokens, heads of this rank, d] views -> varlen attention over whole rows
-         -> all_to_all_single -> unpack_heads -> wo
+         -> all_to_all_single -> unpack_heads -> wo (the GEMMs of its input gradient
+            write the backward's send buffer)
 
 (split + RoPE write the send buffer directly, :func:`kernels.sp_layout.pack_qkv_rotary`,
 when every kv head goes to one rank and the fused RoPE kernel runs; otherwise
@@ -24,12 +25,12 @@ gives it (splitting head_dim over an inner group, all-gathering it, and computin
 head on several ranks).
 
 The backward pass runs the same exchanges in reverse.  When ``wo`` is a plain
-``nn.Linear`` (no LoRA, no ZeRO-3 hooks, no autocast), its input gradient is computed
-by GEMMs straight into the send buffer of the output's reverse exchange
+``nn.Linear`` (no LoRA, no hooks such as ZeRO-3's, no autocast), its input gradient is
+computed by GEMMs straight into the send buffer of the output's reverse exchange
 (:func:`kernels.sp_layout.pack_linear_input_grad`) rather than packed after one GEMM.
-The attention kernel returns the
-gradients of the received q, k, v views as views of one buffer, which is the send buffer
-of the reverse exchange as it is (no concatenation).  What comes back,
+The attention kernel returns the gradients of the received q, k, v views as views of
+one buffer, which is the send buffer of the reverse exchange as it is (no
+concatenation).  What comes back,
 :func:`kernels.unpack_heads` reads into q, k, v gradients, summing those of kv heads sent
 to several ranks (or :func:`kernels.sp_layout.unpack_qkv_rotary` rotates it back into
 ``wqkv``'s output gradient).  The loss stays XTuner's:
