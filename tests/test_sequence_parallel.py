@@ -351,6 +351,9 @@ def _sp_config(tmp_path):
     return str(path)
 
 
+UNFUSED_WO_LINE = "it has hooks (e.g. DeepSpeed ZeRO-3 gathering its weight)"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -358,8 +361,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("zero", ["deepspeed_zero2", "deepspeed_zero3"])
 def test_training_with_sequence_parallel_matches_one_rank(tmp_path, tiny_checkpoint,
-                                                          sample_ftdp):
+                                                          sample_ftdp, zero):
+    """ZeRO-3 partitions wo's weight and gathers it in a hook: sequence parallel must
+    then call wo as a module (it logs why), and still match one rank."""
     pytest.importorskip("deepspeed")
     config = _sp_config(tmp_path)
     # DeepSpeed in a single process needs torchrun's environment (else it looks for MPI).
@@ -373,9 +379,11 @@ def test_training_with_sequence_parallel_matches_one_rank(tmp_path, tiny_checkpo
         work.mkdir()
         proc = train(str(work), tiny_checkpoint, sample_ftdp["root"], config=config,
                      max_iters=6, extra_options=options,
-                     extra_args=["--deepspeed", "deepspeed_zero2", *args], env=env)
+                     extra_args=["--deepspeed", zero, *args], env=env)
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-5000:]
+        if name == "sp2":
+            assert (UNFUSED_WO_LINE in log) == (zero == "deepspeed_zero3"), log[-5000:]
         runs[name] = [r["loss"] for r in iteration_metrics(log)]
         assert len(runs[name]) == 6 and all(map(math.isfinite, runs[name])), log[-5000:]
     # XTuner's loss under sequence parallel differs slightly by construction: each rank

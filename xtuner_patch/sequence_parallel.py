@@ -133,9 +133,9 @@ def _plain_linear(linear, x: torch.Tensor) -> Optional[tuple]:
         return linear.weight, linear.bias
     if reason not in _unfused_reasons:
         _unfused_reasons.add(reason)
-        ops.logger.info("xtuner-patch: sequence parallel calls the attention output "
-                        "projection as a module, its input gradient packed by a separate "
-                        "pass: %s", reason)
+        ops.logger.warning("xtuner-patch: sequence parallel calls the attention output "
+                           "projection as a module, its input gradient packed by a "
+                           "separate pass: %s", reason)
     return None
 
 
