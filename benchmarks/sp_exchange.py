@@ -91,7 +91,8 @@ def step(impl: str, sp: int, rank: int, group, tokens: int, device, use_triton: 
         def run():
             every = _ToRankHeads.apply(layout, rank, group, 1, tokens, q, k, v)
             out = _Attend.apply(*every, grads)
-            _FromRankHeads.apply(out, split, rank, group, 1, use_triton).backward(dout)
+            _FromRankHeads.apply(out, None, None, split, rank, group, 1,
+                                 use_triton).backward(dout)
         return run
     if impl == "xtuner":
         from xtuner.model.modules.dispatch.internlm2 import repeat_kv_bshd

@@ -1,7 +1,8 @@
-"""The GPU-only sequence-parallel layer benchmark's steps run here first (interpreter,
-tiny heads), so that device time goes to measuring them.
+"""The sequence-parallel benchmarks' steps run here first, at tiny sizes, so that device
+time goes to measuring them (``make test`` does not run ``benchmarks/``).
 
-``benchmarks.sp_exchange.layer_step`` times training's path (``xtuner-patch``) against
+``benchmarks.sp_exchange.step`` (layouts and exchanges alone, ours and XTuner's) must
+send the bytes the benchmark checks; ``benchmarks.sp_exchange.layer_step`` times training's path (``xtuner-patch``) against
 the same RoPE and ``wo`` without sequence parallel (``no-layout``); with the
 collectives counting no-ops, ours must send exactly the layer's bytes, forward and
 backward, and both must give ``wo``'s weight its gradient.
@@ -12,11 +13,25 @@ import torch
 
 pytest.importorskip("xtuner.parallel.sequence")
 
-from benchmarks.sp_exchange import LAYER_IMPLS, counting_collectives, layer_step  # noqa: E402
+from benchmarks.sp_exchange import (HEAD_DIM as BENCH_HEAD_DIM, HEADS as BENCH_HEADS,  # noqa: E402
+                                    KV_HEADS as BENCH_KV_HEADS, LAYER_IMPLS,
+                                    counting_collectives, layer_step, step)
 from kernels.sp_layout import split_heads  # noqa: E402
 from tests.helpers import DEVICE  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM, TOKENS = 4, 2, 16, 8
+
+
+@pytest.mark.parametrize("sp", [2, 8])
+@pytest.mark.parametrize("impl", ["xtuner-patch", "xtuner"])
+def test_exchange_step_sends_the_bytes_the_benchmark_expects(impl, sp):
+    tokens = 4
+    with counting_collectives(sp) as sent:
+        step(impl, sp, 0, None, tokens, DEVICE, use_triton=False)()
+    split = split_heads(BENCH_HEADS, BENCH_KV_HEADS, sp)
+    ours = split.bytes_sent(tokens, BENCH_HEAD_DIM, 2)
+    kv_factor = 1 if impl == "xtuner-patch" else BENCH_HEADS // BENCH_KV_HEADS
+    assert sent["bytes"] == 2 * (ours["q"] + ours["out"] + kv_factor * (ours["k"] + ours["v"]))
 
 
 @pytest.mark.parametrize("sp", [2])
