@@ -329,7 +329,7 @@ def pack_linear_input_grad(split: HeadSplit, grad_output: torch.Tensor,
         # Chunk r = grad_output @ weight[:, r-th block of columns]: a batch over ranks of
         # strided views of the same operands (batch strides 0 and the block width).
         cols = widths.pop() * head_dim
-        blocks = weight.view(out_features, split.world_size, cols).transpose(0, 1)
+        blocks = weight.unflatten(1, (split.world_size, cols)).transpose(0, 1)
         torch.bmm(grad_output.expand(split.world_size, tokens, features), blocks,
                   out=buffer.view(split.world_size, tokens, cols))
         return buffer

@@ -148,12 +148,12 @@ def test_wqkv_output_packed_with_rope_matches_split_then_pack(gen, hq, hkv, sp, 
 @pytest.mark.parametrize("hq,hkv,sp", SPLITS)
 def test_linear_input_gradient_is_packed_by_its_gemms(gen, hq, hkv, sp, dtype):
     """Each element is the whole dot product of one GEMM: against one GEMM then a pack,
-    with grad_output strided as a transposed tensor (even splits take one batched GEMM,
-    uneven ones a GEMM per rank)."""
+    with grad_output transposed and weight a column slice (even splits take one batched
+    GEMM, uneven ones a GEMM per rank)."""
     split = split_heads(hq, hkv, sp)
     tokens, head_dim, features = 7, 16, 40
     grad = randn((features, tokens), dtype, generator=gen).t()
-    weight = randn((features, hq * head_dim), dtype, generator=gen)
+    weight = randn((features, hq * head_dim + 3), dtype, generator=gen)[:, 3:]
     got = pack_linear_input_grad(split, grad, weight)
     assert got.shape == (sum(split.chunk_numels(tokens, head_dim, kv=False)),)
     want = pack_linear_input_grad_reference(split, grad.double(), weight.double())
