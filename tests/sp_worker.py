@@ -5,9 +5,8 @@ Every rank builds the same whole-sequence inputs from one seed, keeps its slice 
 the sequence, runs the sequence-parallel path and compares its output and gradients
 with a single-rank computation of the whole sequence.  Rank 0 writes
 ``{case: {quantity: relative error}}`` (the worst over ranks), which layers packed the
-send buffers straight from ``wqkv``'s output and from ``wo``'s input gradient GEMMs,
-and the messages of impossible layouts as
-JSON to ``argv[1]``.
+send buffers straight from ``wqkv``'s output and from ``wo``'s input-gradient GEMMs,
+and the messages of impossible layouts as JSON to ``argv[1]``.
 """
 
 import json
