@@ -226,7 +226,7 @@ def test_layouts_at_internlm2_7b_shapes_in_bf16(gen, sp):
 @pytest.mark.gpu
 @pytest.mark.parametrize("sp", [2, 3, 8])
 def test_wo_input_gradient_packed_at_internlm2_7b_shapes_in_bf16(gen, sp):
-    """The batched GEMM (sp 2, 8) and the per-rank GEMMs (sp 3: 11/11/10 heads) on
+    """The batched GEMM (sp 2, 8) and the per-rank GEMMs (sp 3: 10/11/11 heads) on
     cuBLAS: each chunk within bf16 rounding of a float64 product."""
     split = split_heads(32, 8, sp)
     tokens, dtype = 32768 // sp, torch.bfloat16
