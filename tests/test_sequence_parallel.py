@@ -237,6 +237,33 @@ def test_wo_input_gradient_packed_at_internlm2_7b_shapes_in_bf16(gen, sp):
                      dtype)
 
 
+def test_wo_is_fused_only_when_f_linear_is_all_its_forward_does(caplog, monkeypatch):
+    import xtuner_patch.sequence_parallel as sp_module
+    from xtuner_patch.sequence_parallel import _plain_linear
+
+    monkeypatch.setattr(sp_module, "_unfused_reasons", set())
+
+    class Subclass(torch.nn.Linear):
+        pass
+
+    x = torch.zeros(2, 8)
+    plain = torch.nn.Linear(8, 4)
+    assert _plain_linear(plain, x) == (plain.weight, plain.bias)
+    hooked = torch.nn.Linear(8, 4)
+    hooked.register_forward_pre_hook(lambda module, args: None)
+    with caplog.at_level("WARNING", logger="xtuner_patch"):
+        assert _plain_linear(Subclass(8, 4), x) is None
+        assert _plain_linear(hooked, x) is None
+        assert _plain_linear(plain.double(), x) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _plain_linear(plain.float(), x) is None
+        assert _plain_linear(Subclass(8, 4), x) is None  # said once per reason
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 4, messages
+    for said in ("Subclass", "hooks", "torch.float64", "autocast"):
+        assert sum(said in m for m in messages) == 1, (said, messages)
+
+
 def test_attention_gradients_reach_the_exchange_without_a_copy(gen, monkeypatch, tmp_path):
     """The kernel's gradients of the received q, k, v views are views of one buffer, so
     the backward exchange sends them as they are (no concatenation)."""

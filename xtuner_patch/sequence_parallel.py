@@ -121,7 +121,8 @@ def _plain_linear(linear, x: torch.Tensor) -> Optional[tuple]:
              nn_module._global_forward_pre_hooks, nn_module._global_backward_hooks,
              nn_module._global_backward_pre_hooks)
     if type(linear) is not torch.nn.Linear:
-        reason = f"it is a {type(linear).__name__} (e.g. LoRA), not a torch.nn.Linear"
+        reason = f"it is a {type(linear).__name__} (a LoRA wrapper, a subclass, ...), " \
+                 "not a plain torch.nn.Linear"
     elif any(hooks) or hasattr(linear.weight, "ds_id"):
         reason = "it has hooks (e.g. DeepSpeed ZeRO-3 gathering its weight)"
     elif torch.is_autocast_enabled(x.device.type):
