@@ -333,12 +333,10 @@ def pack_linear_input_grad(split: HeadSplit, grad_output: torch.Tensor,
         torch.bmm(grad_output.expand(split.world_size, tokens, features), blocks,
                   out=buffer.view(split.world_size, tokens, cols))
         return buffer
-    start = 0
-    for r in range(split.world_size):
+    chunks = buffer.split(split.chunk_numels(tokens, head_dim, kv=False))
+    for r, chunk in enumerate(chunks):
         first, last = split.q_bounds[r] * head_dim, split.q_bounds[r + 1] * head_dim
-        chunk = buffer[start:start + tokens * (last - first)].view(tokens, last - first)
-        torch.mm(grad_output, weight[:, first:last], out=chunk)
-        start += chunk.numel()
+        torch.mm(grad_output, weight[:, first:last], out=chunk.view(tokens, last - first))
     return buffer
 
 
