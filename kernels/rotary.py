@@ -111,8 +111,10 @@ def _rotary_kernel(
 
     if CU_POSITIONS:
         # Binary search for the packed sequence holding each token: the largest j with
-        # cu_seqlens[j] <= token (empty sequences are skipped over).
-        glob = tok + position_offset
+        # cu_seqlens[j] <= token (empty sequences are skipped over).  Packed tokens are
+        # one row, so positions follow the index in the row (every batch index repeats
+        # it: kernels.sp_layout launches a row's per-rank copies as a batch).
+        glob = seq + position_offset
         lo = tl.zeros([BLOCK_T], dtype=tl.int32)
         hi = lo + n_seqs
         for step in range(search_steps):

@@ -28,11 +28,11 @@ exchange as it is.  The process group and collective are the caller's.
 
 When every kv head goes to exactly one rank (``hkv % sp == 0``), :func:`pack_qkv_rotary`
 writes the send buffer straight from InternLM2's fused ``wqkv`` output, split and
-rotated on the way by the RoPE kernel of :mod:`kernels.rotary` (one launch per rank,
-no intermediate q/k/v), and :func:`unpack_qkv_rotary` is its backward: the inverse
-rotation from a gradient buffer into the gradient of ``wqkv``'s output.  On the way
-back, :func:`pack_linear_input_grad` lets the GEMM of the output projection's input
-gradient write the send buffer of the backward exchange itself.
+rotated on the way by the RoPE kernel of :mod:`kernels.rotary` (no intermediate q/k/v;
+for one packed row, one launch covers every rank), and :func:`unpack_qkv_rotary` is its
+backward: the inverse rotation from a gradient buffer into the gradient of ``wqkv``'s
+output.  On the way back, :func:`pack_linear_input_grad` lets the GEMM of the output
+projection's input gradient write the send buffer of the backward exchange itself.
 
 One Triton kernel does every other transform, driven by a small per-split table of
 ``(tensor, head) <- (rank chunk, slot)`` entries; one program moves ``BLOCK_T`` tokens
@@ -349,25 +349,29 @@ class QKVRotary(NamedTuple):
     interleaved: bool
 
 
-def _qkv_rank_views(split: HeadSplit, qkv: torch.Tensor, buffer: torch.Tensor, head_dim: int):
-    """Per rank: ``((q, k, v) of its kv groups in qkv, (q, k, v) of its chunk in buffer)``,
-    as ``[batch, seq, kv_heads, G, d]`` / ``[batch, seq, kv_heads, d]`` views."""
+def _qkv_launch_views(split: HeadSplit, qkv: torch.Tensor, buffer: torch.Tensor,
+                      head_dim: int):
+    """``((q, k, v) in qkv, (q, k, v) in buffer)`` per RoPE launch, as ``[batch, seq,
+    kv_heads, G, d]`` / ``[batch, seq, kv_heads, d]`` views of rank chunks and the kv
+    groups of ``qkv`` they hold (``split.partitions_kv``: every rank holds as many).
+
+    For one row the ranks are the launch's batch axis (the positions of a single row do
+    not depend on the batch index), so one launch covers every rank; for several rows,
+    one launch per rank.
+    """
     batched = qkv if qkv.dim() == 3 else qkv.unsqueeze(0)
     n_batch, seqlen = batched.shape[:2]
-    grouped = batched.unflatten(-1, (split.num_kv_heads, -1, head_dim))
-    group = split.num_heads // split.num_kv_heads
-    start = 0
-    for r in range(split.world_size):
-        first, count = split.kv_heads[r][0], split.num_kv(r)
-        mine = grouped[:, :, first:first + count]
-        width = split.width(r)
-        chunk = buffer[start:start + n_batch * seqlen * width * head_dim].view(
-            n_batch, seqlen, width, head_dim)
-        start += chunk.numel()
-        nq = split.num_q(r)
-        yield ((mine[..., :group, :], mine[..., group, :], mine[..., group + 1, :]),
-               (chunk[:, :, :nq].unflatten(2, (count, group)), chunk[:, :, nq:nq + count],
-                chunk[:, :, nq + count:]))
+    sp, kv, group = split.world_size, split.num_kv(0), split.num_heads // split.num_kv_heads
+    nq = split.num_q(0)
+    # [sp, batch, seq, kv, G + 2, d]: rank r's kv groups (its G query heads, K, V each).
+    mine = batched.unflatten(-1, (sp, kv, group + 2, head_dim)).permute(2, 0, 1, 3, 4, 5)
+    chunks = buffer.view(sp, n_batch, seqlen, split.width(0), head_dim)
+    src = (mine[..., :group, :], mine[..., group, :], mine[..., group + 1, :])
+    dst = (chunks[..., :nq, :].unflatten(-2, (kv, group)), chunks[..., nq:nq + kv, :],
+           chunks[..., nq + kv:, :])
+    if n_batch == 1:
+        return [(tuple(x.squeeze(1) for x in src), tuple(x.squeeze(1) for x in dst))]
+    return [(tuple(x[r] for x in src), tuple(x[r] for x in dst)) for r in range(sp)]
 
 
 def pack_qkv_rotary(split: HeadSplit, qkv: torch.Tensor, head_dim: int, *,
@@ -392,7 +396,7 @@ def pack_qkv_rotary(split: HeadSplit, qkv: torch.Tensor, head_dim: int, *,
                          f"{split.num_kv_heads} kv heads of {head_dim}")
     buffer = torch.empty(sum(split.chunk_numels(tokens, head_dim)), dtype=qkv.dtype,
                          device=qkv.device)
-    for src, dst in _qkv_rank_views(split, qkv, buffer, head_dim):
+    for src, dst in _qkv_launch_views(split, qkv, buffer, head_dim):
         launch_rotary(*zip(src, dst), positions, angles, bool(interleaved), inverse=False)
     return buffer, QKVRotary(tuple(qkv.shape), head_dim, positions, angles, bool(interleaved))
 
@@ -410,7 +414,7 @@ def unpack_qkv_rotary(split: HeadSplit, buffer: torch.Tensor, rotary: QKVRotary
                          f"{rotary.qkv_shape} needs {numel}")
     buffer = buffer.contiguous()
     dqkv = torch.empty(rotary.qkv_shape, dtype=buffer.dtype, device=buffer.device)
-    for dst, src in _qkv_rank_views(split, dqkv, buffer, rotary.head_dim):
+    for dst, src in _qkv_launch_views(split, dqkv, buffer, rotary.head_dim):
         launch_rotary(*zip(src, dst), rotary.positions, rotary.angles, rotary.interleaved,
                       inverse=True)
     return dqkv

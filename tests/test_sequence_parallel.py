@@ -125,15 +125,32 @@ def test_unpack_is_the_adjoint_of_pack(gen, hq, hkv, sp):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("hq,hkv,sp,batch", [(8, 2, 2, 1), (32, 8, 4, 2), (4, 4, 4, 1)])
-def test_wqkv_output_packed_with_rope_matches_split_then_pack(gen, hq, hkv, sp, batch, dtype):
+@pytest.mark.parametrize("hq,hkv,sp,shape,positions", [
+    (8, 2, 2, (5,), "ids"), (32, 8, 4, (2, 5), "ids"), (4, 4, 4, (1, 5), "ids"),
+    (8, 4, 4, (9,), "cu_seqlens")])
+def test_wqkv_output_packed_with_rope_matches_split_then_pack(gen, monkeypatch, hq, hkv, sp,
+                                                              shape, positions, dtype):
+    """Bit-exact with split_qkv_rotary then pack_heads, for [tokens, width] and [batch,
+    seq, width] outputs; one RoPE launch for all ranks of one row (one per rank for
+    several rows); the backward against the float64 reference."""
+    import kernels.sp_layout as sp_layout
+
     split = split_heads(hq, hkv, sp)
-    seq, head_dim = 5, 64
-    qkv = randn((batch, seq, (hq + 2 * hkv) * head_dim), dtype, generator=gen)
-    rope = dict(position_ids=torch.randint(0, 4096, (batch, seq), generator=gen),
-                inv_freq=rotary_inv_freq(head_dim, 1e6)[0])
+    head_dim, tokens = 64, math.prod(shape)
+    qkv = randn((*shape, (hq + 2 * hkv) * head_dim), dtype, generator=gen)
+    rope = dict(inv_freq=rotary_inv_freq(head_dim, 1e6)[0])
+    if positions == "ids":
+        rope["position_ids"] = torch.randint(0, 4096, shape, generator=gen)
+    else:  # this rank's 9 tokens of a packed row of 20
+        rope.update(cu_seqlens=torch.tensor([0, 6, 6, 13, 20], dtype=torch.int32),
+                    position_offset=4)
+    launches, launch = [], sp_layout.launch_rotary
+    monkeypatch.setattr(sp_layout, "launch_rotary",
+                        lambda *args, **kw: launches.append(launch(*args, **kw)))
     buffer, rotary = pack_qkv_rotary(split, qkv, head_dim, **rope)
-    q, k, v = (x.reshape(batch * seq, -1, head_dim)
+    rows = shape[0] if len(shape) == 2 else 1
+    assert len(launches) == (1 if rows == 1 else sp)
+    q, k, v = (x.reshape(tokens, -1, head_dim)
                for x in split_qkv_rotary(qkv, hkv, head_dim, **rope))
     # The same RoPE kernel writes the buffer: bit-exact with split, then pack.
     assert torch.equal(buffer, pack_heads(split, q, k, v))
@@ -142,6 +159,7 @@ def test_wqkv_output_packed_with_rope_matches_split_then_pack(gen, hq, hkv, sp, 
     grad = randn(buffer.shape, torch.float64, generator=gen)
     pack_qkv_rotary_reference(split, qkv64, head_dim, **rope).backward(grad)
     assert_rel_close(unpack_qkv_rotary(split, grad.to(dtype), rotary), qkv64.grad, dtype)
+    assert len(launches) == 2 * (1 if rows == 1 else sp)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
