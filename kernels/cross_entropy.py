@@ -39,18 +39,24 @@ Tokens are processed in chunks of ``chunk_size`` rows.  Per chunk, in the forwar
    that: there the accumulator would be most of the memory the loss needs (at
    InternLM2-7B's head, accumulation from 32k tokens per call).
 
-So both gradients are finished when the forward pass returns; backward only multiplies
+So the gradients are finished when the forward pass returns; backward only multiplies
 them (in place) by the incoming gradient, and can therefore run once per forward.
 Memory beyond the inputs: the logits buffer (``chunk x V`` in the input dtype), the
 gradient of the hidden states (``N x H``), the weight gradient, and the accumulator of
-the 'accumulate' mode.  Nothing is saved for the backward pass but the two gradients.
+the 'accumulate' mode.  Nothing is saved for the backward pass but the gradients.
+
+A low-rank addend ``a @ b.T`` (``a`` ``[N, r]``, ``b`` ``[V, r]``: a LoRA adapter on the
+head) joins every logits product as a second term (``addmm`` into the same buffer, after
+the base head's product is rounded, as Hugging Face + PEFT round it) and gets its
+gradients from the same ``dlogits``: ``grad_a = dlogits @ b``, ``grad_b = dlogits.T @ a``
+(summed over chunks like ``grad_W``, in a ``V x r`` accumulator).
 
 Targets are checked on the host (one synchronisation per call): a target outside
 ``[0, V)`` that is not ``ignore_index`` raises ``ValueError`` instead of a device assert.
 """
 
 import functools
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -204,70 +210,90 @@ def _add_half_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
         acc[rows].add_(torch.mm(a[rows], b))
 
 
-def _forward(h2, weight, targets, ignore_index, scale, chunk_size, need_dh, need_dw,
+def _forward(inputs, weights, targets, ignore_index, scale, chunk_size, need_dx, need_dw,
              recompute):
-    n_rows, vocab = h2.shape[0], weight.shape[0]
-    device = h2.device
+    """Losses and gradients for ``logits = sum_i inputs[i] @ weights[i].T``.
+
+    ``inputs[i]``: ``[N, K_i]``, ``weights[i]``: ``[V, K_i]`` (the head, then an optional
+    low-rank addend); ``need_dx[i]`` / ``need_dw[i]`` say which gradients to compute.
+    Returns ``(losses, [grad of inputs[i] or None], [grad of weights[i] or None])``.
+    """
+    n_rows, vocab = inputs[0].shape[0], weights[0].shape[0]
+    device = inputs[0].device
     losses = torch.empty(n_rows, dtype=torch.float32, device=device)
     lse = torch.empty(n_rows, dtype=torch.float32, device=device)
-    dh = torch.empty_like(h2, memory_format=torch.contiguous_format) if need_dh else None
+    dxs = [torch.empty_like(x, memory_format=torch.contiguous_format) if need else None
+           for x, need in zip(inputs, need_dx)]
     if recompute:
         chunk_size = min(chunk_size, RECOMPUTE_CHUNK_TOKENS)
     single = n_rows <= chunk_size
-    accumulate = need_dw and not recompute and not single
-    dw = None
-    if need_dw:
-        dw = (torch.zeros(weight.shape, dtype=torch.float32, device=device) if accumulate
-              else torch.empty_like(weight, memory_format=torch.contiguous_format))
+    accumulate = not recompute and not single
+    dws = [None if not need else
+           torch.zeros(w.shape, dtype=torch.float32, device=device) if accumulate else
+           torch.empty_like(w, memory_format=torch.contiguous_format)
+           for w, need in zip(weights, need_dw)]
     if n_rows == 0:
-        return losses, dh, (dw.zero_() if dw is not None else None)
+        return losses, dxs, [dw.zero_() if dw is not None else None for dw in dws]
 
-    buffer = torch.empty(min(chunk_size, n_rows) * vocab, dtype=h2.dtype, device=device)
+    def logits_into(out, rows, cols):
+        torch.mm(inputs[0][rows], weights[0][cols].t(), out=out)
+        for x, w in zip(inputs[1:], weights[1:]):
+            out.addmm_(x[rows], w[cols].t())
+
+    every = slice(None)
+    buffer = torch.empty(min(chunk_size, n_rows) * vocab, dtype=inputs[0].dtype, device=device)
     for start in range(0, n_rows, chunk_size):
-        stop = min(start + chunk_size, n_rows)
-        hc = h2[start:stop]
-        logits = buffer[:(stop - start) * vocab].view(stop - start, vocab)
-        torch.mm(hc, weight.t(), out=logits)
-        _rows_kernel(logits, targets[start:stop], losses[start:stop], lse[start:stop], scale,
-                     ignore_index, compute_grad=need_dh or (need_dw and not recompute))
-        if need_dh:
-            torch.mm(logits, weight, out=dh[start:stop])
-        if need_dw and single and not recompute:
-            torch.mm(logits.t(), hc, out=dw)
-        elif accumulate and dw.dtype == hc.dtype:
-            dw.addmm_(logits.t(), hc)
-        elif accumulate:
-            _add_half_product(dw, logits.t(), hc)
-    if need_dw and recompute:
+        rows = slice(start, min(start + chunk_size, n_rows))
+        logits = buffer[:(rows.stop - start) * vocab].view(rows.stop - start, vocab)
+        logits_into(logits, rows, every)
+        _rows_kernel(logits, targets[rows], losses[rows], lse[rows], scale, ignore_index,
+                     compute_grad=any(need_dx) or (any(need_dw) and not recompute))
+        for w, dx in zip(weights, dxs):
+            if dx is not None:
+                torch.mm(logits, w, out=dx[rows])
+        for x, dw in zip(inputs, dws):
+            if dw is None or recompute:
+                continue
+            if single:
+                torch.mm(logits.t(), x, out=dw)
+            elif dw.dtype == x.dtype:
+                dw.addmm_(logits.t(), x[rows])
+            else:
+                _add_half_product(dw, logits.t(), x[rows])
+    if any(need_dw) and recompute:
         # The buffer, seen as [n_rows, slice]: every token's logits of a vocabulary slice.
         vocab_slice = max(1, buffer.numel() // n_rows)
         for v in range(0, vocab, vocab_slice):
-            rows = slice(v, min(v + vocab_slice, vocab))
-            width = rows.stop - rows.start
-            logits = buffer[:n_rows * width].view(n_rows, width)
-            torch.mm(h2, weight[rows].t(), out=logits)
+            cols = slice(v, min(v + vocab_slice, vocab))
+            logits = buffer[:n_rows * (cols.stop - v)].view(n_rows, cols.stop - v)
+            logits_into(logits, every, cols)
             _rows_kernel(logits, targets, losses, lse, scale, ignore_index, first_col=v,
                          lse_known=True)
-            torch.mm(logits.t(), h2, out=dw[rows])
-    # Freed before the accumulator's copy in the weight's dtype is made, which can reuse it.
+            for x, dw in zip(inputs, dws):
+                if dw is not None:
+                    torch.mm(logits.t(), x, out=dw[cols])
+    # Freed before the accumulators' copies in the weights' dtype are made, which can reuse it.
     del buffer, logits
-    if dw is not None and dw.dtype != weight.dtype:
-        dw = dw.to(weight.dtype)
-    return losses, dh, dw
+    return losses, dxs, [dw.to(w.dtype) if dw is not None and dw.dtype != w.dtype else dw
+                         for dw, w in zip(dws, weights)]
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size,
-                need_dh, need_dw, recompute):
-        h2 = hidden.reshape(-1, hidden.shape[-1])
+    def forward(ctx, hidden, weight, low_rank_input, low_rank_weight, targets, ignore_index,
+                reduction, chunk_size, need_dx, need_dw, recompute):
+        inputs, weights = [hidden.reshape(-1, hidden.shape[-1])], [weight]
+        if low_rank_input is not None:
+            inputs.append(low_rank_input.reshape(-1, low_rank_input.shape[-1]))
+            weights.append(low_rank_weight)
         n_valid = _check_targets(targets, weight.shape[0], ignore_index)
         # With no target left the loss is 0 with zero gradients (not 0/0).
         scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-        losses, dh, dw = _forward(h2, weight, targets, ignore_index, scale, chunk_size,
-                                  need_dh, need_dw, recompute)
-        ctx.hidden_shape = hidden.shape
-        ctx.grads = (dh, dw)
+        losses, dxs, dws = _forward(inputs, weights, targets, ignore_index, scale, chunk_size,
+                                    need_dx[:len(inputs)], need_dw[:len(inputs)], recompute)
+        ctx.input_shapes = (hidden.shape, None if low_rank_input is None
+                            else low_rank_input.shape)
+        ctx.grads = (dxs, dws)
         return losses.sum() * scale
 
     @staticmethod
@@ -277,20 +303,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             raise RuntimeError(
                 "fused_linear_cross_entropy: backward can run only once per forward (its "
                 "gradients are computed in the forward pass and scaled in place)")
-        dh, dw = ctx.grads
-        ctx.grads = None
-        if dh is not None:
-            dh = dh.mul_(grad_loss).view(ctx.hidden_shape)
-        if dw is not None:
-            dw.mul_(grad_loss)
-        return dh, dw, None, None, None, None, None, None, None
+        (dxs, dws), ctx.grads = ctx.grads, None
+        dxs = [dx.mul_(grad_loss).view(shape) if dx is not None else None
+               for dx, shape in zip(dxs, ctx.input_shapes)]
+        dws = [dw.mul_(grad_loss) if dw is not None else None for dw in dws]
+        dxs += [None] * (2 - len(dxs))
+        dws += [None] * (2 - len(dws))
+        return dxs[0], dws[0], dxs[1], dws[1], None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                ignore_index: int = -100, reduction: str = "mean",
                                shift_labels: bool = False,
                                chunk_size: Optional[int] = None,
-                               grad_weight_mode: str = "auto") -> torch.Tensor:
+                               grad_weight_mode: str = "auto",
+                               low_rank: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                               ) -> torch.Tensor:
     """``CrossEntropyLoss(hidden @ weight.T, labels)`` without the full logits, differentiable.
 
     Args:
@@ -311,6 +339,13 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             (three matrix products, an fp32 ``V x H`` accumulator), ``'recompute'``
             (four products, no accumulator) or ``'auto'`` (accumulate from
             ``8 * H`` tokens on); see the module doc.
+        low_rank: ``(a, b)`` whose product ``a @ b.T`` is added to the logits: ``a``
+            ``[..., r]`` (``hidden``'s leading dimensions), ``b`` ``[V, r]``, both of
+            ``hidden``'s dtype and device.  A LoRA adapter on the head is ``a = scaling *
+            lora_A(dropout(hidden))``, ``b = lora_B.weight``: the adapter's ``[tokens, V]``
+            output is never materialised either.  Each chunk's logits get the product in
+            the same buffer (one more matrix product of inner size ``r``), and ``a`` and
+            ``b`` their gradients like ``hidden`` and ``weight``.
 
     Returns:
         The loss, an fp32 scalar.  When every target is ignored it is 0 and the gradients
@@ -344,11 +379,18 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         raise ValueError(f"grad_weight_mode must be one of {GRAD_WEIGHT_MODES}, got "
                          f"{grad_weight_mode!r}")
 
+    low_rank_input, low_rank_weight = _check_low_rank(low_rank, hidden, weight)
+
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
+        if low_rank is not None:
+            low_rank_input, low_rank_weight = low_rank_input.to(dtype), low_rank_weight.to(dtype)
     check_tensor("weight", weight, dtypes=(hidden.dtype,))
+    if low_rank is not None:
+        check_tensor("low_rank[0]", low_rank_input, dtypes=(hidden.dtype,))
+        check_tensor("low_rank[1]", low_rank_weight, dtypes=(hidden.dtype,))
 
     targets = shift_targets(labels, ignore_index) if shift_labels else labels
     targets = targets.reshape(-1).contiguous()
@@ -356,8 +398,33 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if chunk_size is None:
         chunk_size = default_chunk_size(n_tokens)
     grad = torch.is_grad_enabled()
+
+    def needs(*tensors):
+        return tuple(grad and t is not None and t.requires_grad for t in tensors)
+
     with torch.autocast(device_type, enabled=False):
         return _FusedLinearCrossEntropy.apply(
-            hidden, weight, targets, int(ignore_index), reduction, chunk_size,
-            grad and hidden.requires_grad, grad and weight.requires_grad,
+            hidden, weight, low_rank_input, low_rank_weight, targets, int(ignore_index),
+            reduction, chunk_size, needs(hidden, low_rank_input),
+            needs(weight, low_rank_weight),
             recomputes_weight_grad(grad_weight_mode, n_tokens, weight.shape[1]))
+
+
+def _check_low_rank(low_rank, hidden: torch.Tensor, weight: torch.Tensor):
+    """``(a, b)`` of ``low_rank`` after checking their shapes and devices, or ``(None, None)``."""
+    if low_rank is None:
+        return None, None
+    if not isinstance(low_rank, (tuple, list)) or len(low_rank) != 2:
+        raise TypeError(f"low_rank must be a pair (a, b) of tensors, got {type(low_rank).__name__}")
+    a, b = low_rank
+    check_tensor("low_rank[0]", a, dtypes=FLOAT_DTYPES)
+    check_tensor("low_rank[1]", b, ndim=2, dtypes=FLOAT_DTYPES)
+    rank = b.shape[1]
+    if rank < 1 or b.shape[0] != weight.shape[0] or a.shape != hidden.shape[:-1] + (rank,):
+        raise ValueError(f"low_rank must be (a [{', '.join(map(str, hidden.shape[:-1]))}, r], "
+                         f"b [{weight.shape[0]}, r]) for hidden {tuple(hidden.shape)} and weight "
+                         f"{tuple(weight.shape)}, got a {tuple(a.shape)} and b {tuple(b.shape)}")
+    for name, tensor in (("low_rank[0]", a), ("low_rank[1]", b)):
+        if tensor.device != hidden.device:
+            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
+    return a, b

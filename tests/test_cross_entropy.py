@@ -68,6 +68,47 @@ def test_matches_hf_float64(gen, dtype, case, mode):
     assert hidden.grad.dtype == weight.grad.dtype == dtype
 
 
+def _low_rank(shape, vocab, rank, dtype, gen):
+    """A LoRA adapter's two factors: ``a`` (``scaling * lora_A(x)``) and ``b`` (lora_B)."""
+    a = randn(shape + (rank,), dtype, generator=gen).requires_grad_()
+    b = randn((vocab, rank), dtype, generator=gen, scale=0.5 / rank ** 0.5).requires_grad_()
+    return a, b
+
+
+@pytest.mark.parametrize("mode", ["accumulate", "recompute"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case,frozen", [("chunks-of-5-split-samples", True),
+                                         ("vocab-5003-blocks", False),
+                                         ("batched-default-chunk", True)])
+def test_low_rank_addend_matches_hf_with_lora_float64(gen, dtype, case, frozen, mode):
+    """``hidden @ weight.T + a @ b.T`` as logits (a LoRA adapter on the head, the base
+    weight frozen or not): loss and every gradient against float64."""
+    shape, hidden_size, vocab, chunk, shift = CASES[case]
+    hidden, weight, labels = _inputs(shape, hidden_size, vocab, dtype, gen)
+    weight.requires_grad_(not frozen)
+    a, b = _low_rank(shape, vocab, 4, dtype, gen)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, shift_labels=shift,
+                                      chunk_size=chunk, grad_weight_mode=mode, low_rank=(a, b))
+    loss.backward()
+    h64, w64, a64, b64 = (leaf(t.double()) for t in (hidden, weight, a, b))
+    ref = linear_cross_entropy_reference(h64, w64, labels, IGNORE, shift_labels=shift,
+                                         low_rank=(a64, b64))
+    ref.backward()
+    # The reference is Hugging Face's loss of the summed logits.
+    logits = h64.detach() @ w64.detach().t() + a64.detach() @ b64.detach().t()
+    hf = _hf_loss(logits, torch.eye(vocab, dtype=torch.float64, device=DEVICE), labels, shift)
+    assert rel_error(ref.detach(), hf) < 1e-12
+    assert_rel_close(loss, ref, dtype, name="loss")
+    for name, ours, ref_grad in (("grad hidden", hidden.grad, h64.grad),
+                                 ("grad a", a.grad, a64.grad), ("grad b", b.grad, b64.grad)):
+        assert ours.dtype == dtype
+        assert_rel_close(ours, ref_grad, name=name)
+    if frozen:
+        assert weight.grad is None
+    else:
+        assert_rel_close(weight.grad, w64.grad, name="grad weight")
+
+
 def test_half_precision_accumulation_in_vocabulary_slices(gen, monkeypatch):
     """Without an fp32-output addmm (CPU), half-precision chunk products reach the fp32
     accumulator slice by slice; slices that do not divide the vocabulary."""
@@ -183,6 +224,17 @@ BAD_INPUTS = {
     "chunk-size": (lambda h, w, l, k: (h, w, l, dict(chunk_size=0)), ValueError, "chunk_size"),
     "grad-weight-mode": (lambda h, w, l, k: (h, w, l, dict(grad_weight_mode="fp32")),
                          ValueError, "grad_weight_mode must be one of"),
+    "low-rank-not-a-pair": (lambda h, w, l, k: (h, w, l, dict(low_rank=torch.zeros(6, 2))),
+                            TypeError, "low_rank must be a pair"),
+    "low-rank-rows": (lambda h, w, l, k: (h, w, l, dict(low_rank=(torch.zeros(5, 2),
+                                                                  torch.zeros(20, 2)))),
+                      ValueError, r"low_rank must be \(a \[6, r\], b \[20, r\]\)"),
+    "low-rank-rank": (lambda h, w, l, k: (h, w, l, dict(low_rank=(torch.zeros(6, 2),
+                                                                  torch.zeros(20, 3)))),
+                      ValueError, "got a \\(6, 2\\) and b \\(20, 3\\)"),
+    "low-rank-dtype": (lambda h, w, l, k: (h, w, l, dict(low_rank=(torch.zeros(6, 2).half(),
+                                                                   torch.zeros(20, 2).half()))),
+                       TypeError, r"low_rank\[0\] must have dtype"),
 }
 
 
@@ -196,22 +248,35 @@ def test_bad_inputs_name_the_argument(gen, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("chunk,mode", [(None, "auto"), (1000, "accumulate"),
-                                        (1000, "recompute")])
-def test_bf16_on_gpu_at_internlm2_vocab(gen, chunk, mode):
-    """92544 vocabulary, bf16: no worse than Hugging Face's bf16 path against float64."""
+@pytest.mark.parametrize("chunk,mode,rank", [(None, "auto", 0), (1000, "accumulate", 0),
+                                             (1000, "recompute", 0), (None, "auto", 16),
+                                             (1000, "accumulate", 16)])
+def test_bf16_on_gpu_at_internlm2_vocab(gen, chunk, mode, rank):
+    """92544 vocabulary, bf16: no worse than Hugging Face's bf16 path against float64
+    (with ``rank``, a LoRA adapter of that rank on the head, as PEFT adds it)."""
     hidden, weight, labels = _inputs((2048,), 1024, 92544, torch.bfloat16, gen)
+    tensors = [hidden, weight]
+    low_rank = None
+    if rank:
+        weight.requires_grad_(False)
+        low_rank = _low_rank((2048,), 92544, rank, torch.bfloat16, gen)
+        tensors += low_rank
     loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=chunk,
-                                      grad_weight_mode=mode)
+                                      grad_weight_mode=mode, low_rank=low_rank)
     loss.backward()
-    ref_loss, ref_dh, ref_dw = _float64_grads(hidden, weight, labels, False)
-    h, w = leaf(hidden), leaf(weight)
-    hf = F.cross_entropy((h @ w.t()).float(), labels, ignore_index=IGNORE)
+    as64 = [leaf(t.double()) if t.requires_grad else t.double() for t in tensors]
+    theirs = [leaf(t) if t.requires_grad else t for t in tensors]
+    ref_loss = linear_cross_entropy_reference(*as64[:2], labels, IGNORE,
+                                              low_rank=as64[2:] or None)
+    ref_loss.backward()
+    hf = linear_cross_entropy_reference(*theirs[:2], labels, IGNORE,
+                                        low_rank=theirs[2:] or None)
     hf.backward()
-    for name, ours, theirs, ref in (("loss", loss, hf, ref_loss),
-                                    ("grad hidden", hidden.grad, h.grad, ref_dh),
-                                    ("grad weight", weight.grad, w.grad, ref_dw)):
-        err, hf_err = rel_error(ours, ref), rel_error(theirs, ref)
+    rows = [("loss", loss, hf, ref_loss)] + [
+        (f"grad {i}", t.grad, h.grad, r.grad)
+        for i, (t, h, r) in enumerate(zip(tensors, theirs, as64)) if t.requires_grad]
+    for name, ours, theirs_, ref in rows:
+        err, hf_err = rel_error(ours, ref), rel_error(theirs_, ref)
         assert err <= max(1.5 * hf_err, REL_TOL[torch.bfloat16]), (name, err, hf_err)
     assert HAS_CUDA
 

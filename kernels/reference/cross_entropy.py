@@ -24,8 +24,8 @@ def shift_targets(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tenso
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor,
                                    labels: torch.Tensor, ignore_index: int = -100,
-                                   reduction: str = "mean", shift_labels: bool = False
-                                   ) -> torch.Tensor:
+                                   reduction: str = "mean", shift_labels: bool = False,
+                                   low_rank=None) -> torch.Tensor:
     """``CrossEntropyLoss(hidden @ weight.T, labels)`` as InternLM2ForCausalLM computes it.
 
     ``hidden``: ``[..., h]``; ``weight``: ``[vocab, h]``; ``labels``: int64 of
@@ -34,11 +34,15 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor,
     ``reduction='mean'`` averages over the targets that are not ``ignore_index``; when
     there are none the loss is 0 (Hugging Face returns NaN), with zero gradients.
     ``shift_labels=True`` compares position ``t`` with ``labels[..., t + 1]``
-    (:func:`shift_targets`).  Returns a scalar of the logits' compute dtype.
+    (:func:`shift_targets`).  ``low_rank`` ``(a, b)`` adds ``a @ b.T`` to the logits (a
+    LoRA adapter's output, summed in the input dtype as PEFT sums it).  Returns a scalar
+    of the logits' compute dtype.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     logits = F.linear(hidden, weight)
+    if low_rank is not None:
+        logits = logits + F.linear(*low_rank)
     if logits.dtype != torch.float64:
         logits = logits.float()
     targets = shift_targets(labels, ignore_index) if shift_labels else labels
