@@ -224,6 +224,107 @@ def test_models_computing_loss_from_logits_keep_the_logits(tiny_checkpoint):
         assert "forward" in model.model.layers[0].feed_forward.__dict__
 
 
+def _with_lora(model, gen, **config):
+    """``model`` as XTuner's LoRA configs wrap it (every linear layer, the head
+    ``output`` included: xtuner's ``find_all_linear_names``), adapters non-zero."""
+    from peft import LoraConfig, get_peft_model
+    from xtuner.model.utils import find_all_linear_names
+
+    config = dict(dict(r=4, lora_alpha=8, lora_dropout=0.0), **config)
+    model = get_peft_model(model, LoraConfig(target_modules=find_all_linear_names(model),
+                                             task_type="CAUSAL_LM", **config))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts them at zero: no adapter to test
+                param.copy_(torch.randn(param.shape, generator=gen, device=DEVICE) * 0.1)
+    return model
+
+
+def _lora_loss_and_grads(model, input_ids, labels):
+    out = model(input_ids, labels=labels)
+    out.loss.backward()
+    return out, {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+def test_lora_on_the_head_keeps_the_fused_loss(tiny_checkpoint, gen, varlen_args, caplog,
+                                               varlen):
+    """XTuner's LoRA (``output`` wrapped too): no logits, loss and every adapter gradient
+    as the stock model with the same adapters."""
+    from xtuner_patch import ops
+
+    ops._warned.clear()
+    lengths = [17, 30, 9]
+    model = _with_lora(_dispatch(_load(tiny_checkpoint), use_varlen_attn=varlen), gen)
+    stock = _with_lora(_load(tiny_checkpoint), gen)
+    stock.load_state_dict(model.state_dict())
+    assert type(model.base_model.model.output).__name__ == "Linear"  # PEFT's LoRA layer
+    input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, model.config.vocab_size)
+    if not varlen:  # one sequence per row, three rows
+        input_ids, labels = input_ids.view(1, -1)[:, :54].view(3, 18), labels[:, :54].view(3, 18)
+    varlen_args(cu, max(lengths))
+    with caplog.at_level("WARNING", logger="xtuner_patch"):
+        out, grads = _lora_loss_and_grads(model, input_ids, labels)
+    assert out.logits is None and "computed from its logits" not in caplog.text
+    varlen_args(None, None)
+    if varlen:
+        ref = _shifted_loss(_reference_per_sample(stock, input_ids, lengths), labels)
+        ref.backward()
+        ref_grads = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
+    else:
+        ref, ref_grads = _lora_loss_and_grads(stock, input_ids, labels)
+        ref = ref.loss
+    assert abs(out.loss.item() - ref.item()) < 1e-5
+    assert grads.keys() == ref_grads.keys() and any("output.lora_B" in n for n in grads)
+    for name, grad in grads.items():
+        assert_rel_close(grad, ref_grads[name], torch.float32, factor=50, name=name)
+
+
+def test_lora_head_loss_draws_the_adapter_dropout_as_peft_does(tiny_checkpoint, gen):
+    """The head alone, dropout on: the fused loss of the LoRA layer against PEFT's own
+    forward of it, on the same random draws."""
+    from xtuner_patch.internlm2 import _fused_head_loss
+
+    model = _with_lora(_dispatch(_load(tiny_checkpoint)), gen, lora_dropout=0.5)
+    head = model.base_model.model.output
+    hidden = torch.randn(2, 9, model.config.hidden_size, generator=gen, device=DEVICE,
+                         requires_grad=True)
+    labels = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen, device=DEVICE)
+    results = []
+    for compute in (lambda: _fused_head_loss(head)(hidden, labels, True),
+                    lambda: torch.nn.functional.cross_entropy(
+                        head(hidden)[:, :-1].flatten(0, 1), labels[:, 1:].flatten())):
+        torch.manual_seed(0)
+        loss = compute()
+        grads = torch.autograd.grad(loss, [hidden, head.lora_A["default"].weight,
+                                           head.lora_B["default"].weight])
+        results.append((loss, grads))
+    (loss, grads), (ref, ref_grads) = results
+    assert abs(loss.item() - ref.item()) < 1e-5
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert_rel_close(grad, ref_grad, torch.float32, factor=5)
+    torch.manual_seed(1)  # other draws: another loss (the dropout does drop)
+    assert abs(_fused_head_loss(head)(hidden, labels, True).item() - loss.item()) > 1e-6
+
+
+def test_lora_variants_on_the_head_take_the_logits_with_one_warning(tiny_checkpoint, gen,
+                                                                    caplog):
+    from xtuner_patch import ops
+
+    ops._warned.clear()
+    model = _with_lora(_dispatch(_load(tiny_checkpoint), use_varlen_attn=False), gen,
+                       use_dora=True)
+    stock = _with_lora(_load(tiny_checkpoint), gen, use_dora=True)
+    stock.load_state_dict(model.state_dict())
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 16), generator=gen,
+                              device=DEVICE)
+    with caplog.at_level("WARNING", logger="xtuner_patch"):
+        outs = [model(input_ids, labels=input_ids) for _ in range(2)]
+    assert all(out.logits is not None for out in outs)
+    assert caplog.text.count("computed from its logits: the LM head is a LoRA variant") == 1
+    assert abs(outs[0].loss.item() - stock(input_ids, labels=input_ids).loss.item()) < 1e-5
+
+
 def test_unpacked_batch_with_padding_matches_stock(tiny_checkpoint, gen):
     """Without varlen arguments: each row is causal, padding removed before attention."""
     model = _dispatch(_load(tiny_checkpoint), use_varlen_attn=False)

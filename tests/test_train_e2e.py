@@ -63,25 +63,52 @@ def test_varlen_training_with_accumulation_resumes_exactly(tmp_path, tiny_checkp
     assert again == pytest.approx(losses[4:], rel=1e-4, abs=1e-4)
 
 
-def test_patched_kernels_match_stock_xtuner_per_step(tmp_path, tiny_checkpoint, sample_ftdp):
-    """Without varlen both paths compute the same model; the patched one on our Triton
-    kernels (interpreter), the stock one on XTuner's eager PyTorch forwards."""
-    config = _config_variant(tmp_path, "no_varlen.py", [
-        ("varlen_attn = True", "varlen_attn = False"),
-        ("custom_hooks = [dict(type=ThroughputHook), dict(type=VarlenAttnArgsToMessageHubHook)]",
-         "custom_hooks = [dict(type=ThroughputHook)]")])
+NO_VARLEN = [("varlen_attn = True", "varlen_attn = False"),
+             ("custom_hooks = [dict(type=ThroughputHook), dict(type=VarlenAttnArgsToMessageHubHook)]",
+              "custom_hooks = [dict(type=ThroughputHook)]")]
+
+
+def _stock_and_patched_losses(tmp_path, checkpoint, data, config):
+    """Per-step losses of XTuner's stock path and of ours (Triton kernels under the
+    interpreter) training ``config`` for 3 steps; asserts the patch ran only in ours."""
     runs = {}
     for name, env in (("stock", {"XTUNER_PATCH": "0"}),
                       ("patched", {"TRITON_INTERPRET": "1"})):
         work = tmp_path / name
         work.mkdir()
-        runs[name] = _losses(train(str(work), tiny_checkpoint, sample_ftdp["root"],
-                                   config=config, max_iters=3, env=env,
+        runs[name] = _losses(train(str(work), checkpoint, data, config=config, max_iters=3,
+                                   env=env,
                                    extra_options=["train_dataloader.dataset.packed_length=256"]))
-    stock, stock_log = runs["stock"]
-    patched, patched_log = runs["patched"]
+    (stock, stock_log), (patched, patched_log) = runs["stock"], runs["patched"]
     assert PATCH_LINE not in stock_log and PATCH_LINE in patched_log
     assert "PyTorch reference" not in patched_log  # the Triton kernels really ran
+    return stock, patched, patched_log
+
+
+def test_patched_kernels_match_stock_xtuner_per_step(tmp_path, tiny_checkpoint, sample_ftdp):
+    """Without varlen both paths compute the same model; the patched one on our Triton
+    kernels (interpreter), the stock one on XTuner's eager PyTorch forwards."""
+    config = _config_variant(tmp_path, "no_varlen.py", NO_VARLEN)
+    stock, patched, _ = _stock_and_patched_losses(tmp_path, tiny_checkpoint,
+                                                  sample_ftdp["root"], config)
+    assert patched == pytest.approx(stock, rel=2e-4)
+
+
+def test_lora_training_matches_stock_xtuner_per_step(tmp_path, tiny_checkpoint, sample_ftdp):
+    """XTuner's LoRA (every linear layer wrapped, the head ``output`` too): the patched
+    run keeps the fused loss, its adapter on the head joining as a low-rank addend."""
+    config = _config_variant(tmp_path, "lora.py", NO_VARLEN + [
+        ("from transformers import AutoModelForCausalLM",
+         "from peft import LoraConfig\nfrom transformers import AutoModelForCausalLM"),
+        ("    use_varlen_attn=varlen_attn,\n",
+         "    use_varlen_attn=varlen_attn,\n    lora=dict(type=LoraConfig, r=8, lora_alpha=16, "
+         "lora_dropout=0.0, bias='none', task_type='CAUSAL_LM'),\n"),
+        # The adapters start at zero: no warm-up, a large rate, so that they matter by step 3.
+        ("lr = 2e-3", "lr = 5e-2"), ("start_factor=0.1", "start_factor=1.0")])
+    stock, patched, patched_log = _stock_and_patched_losses(tmp_path, tiny_checkpoint,
+                                                            sample_ftdp["root"], config)
+    assert "computed from its logits" not in patched_log
+    assert len(set(stock)) == 3  # the adapters learn: every step's loss differs
     assert patched == pytest.approx(stock, rel=2e-4)
 
 

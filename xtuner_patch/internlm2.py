@@ -26,10 +26,11 @@ Every other call (no labels, eval mode: ``generate``, evaluation, ``predict``) r
 class's own forward and returns logits.  XTuner models that compute their loss from the
 logits of a training forward (DPO, ORPO: any ``SupervisedFinetune`` subclass overriding
 ``compute_loss``) keep the class's forward.  The head goes through its module call (so
-DeepSpeed ZeRO-3 gathers its weight); a head replaced after dispatch (e.g. LoRA on
-``output``) turns the fused loss off.  Under XTuner's sequence parallel each rank's loss
-is the mean over its own tokens, as with Hugging Face's forward, which XTuner's
-``reduce_sequence_parallel_loss`` token-weights.
+DeepSpeed ZeRO-3 gathers its weight).  A PEFT LoRA adapter on ``output`` (XTuner's LoRA
+configs put one there) joins the fused loss as a low-rank addend to the logits; a head
+otherwise replaced after dispatch gets its loss from the logits, with one warning.  Under
+XTuner's sequence parallel each rank's loss is the mean over its own tokens, as with
+Hugging Face's forward, which XTuner's ``reduce_sequence_parallel_loss`` token-weights.
 
 Data whose labels are already shifted (``build_packed_dataset(label_alignment=
 'internevo')``) need a loss that does not shift again: :func:`set_labels_shifted` (or
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._runtime import TensorMemo
+from kernels.reference.cross_entropy import shift_targets
 
 from . import ops, sequence_parallel
 from .patch import KernelSwitches
@@ -243,8 +245,9 @@ def mlp_forward(self, x):
     return self.w2(ops.swiglu(self.w1(x), self.w3(x)))
 
 
-def lm_head_forward(self, hidden_states, labels=None, shift_labels=True):
-    """The LM head ``nn.Linear``; given ``labels``, the mean cross-entropy instead of logits.
+def lm_head_forward(self, hidden_states, labels=None, shift_labels=True, low_rank=None):
+    """The LM head ``nn.Linear``; given ``labels``, the mean cross-entropy instead of logits
+    (of the logits plus ``a @ b.T`` with ``low_rank`` ``(a, b)``: a LoRA adapter's output).
 
     Computing the loss inside the head's own call lets module hooks (DeepSpeed ZeRO-3's
     parameter gathering) see it as the head's forward.
@@ -252,11 +255,77 @@ def lm_head_forward(self, hidden_states, labels=None, shift_labels=True):
     if labels is None:
         return F.linear(hidden_states, self.weight, self.bias)
     return ops.linear_cross_entropy(hidden_states, self.weight,
-                                    labels.to(hidden_states.device), shift_labels=shift_labels)
+                                    labels.to(hidden_states.device), shift_labels=shift_labels,
+                                    low_rank=low_rank)
 
 
 def _head_is_ours(head) -> bool:
     return getattr(head.forward, "__func__", None) is lm_head_forward
+
+
+def _fused_head_loss(head):
+    """``loss(hidden_states, labels, shift_labels)``: the LM head's training loss without
+    logits; None (with one warning per reason) when the head allows no such loss.  The
+    returned function itself gives None when a call's dtypes rule it out: the logits
+    give the loss then.
+
+    Besides our patched head: a PEFT LoRA ``Linear`` around it (XTuner's LoRA configs
+    wrap every linear layer, InternLM2's ``output`` included) in its plain form: one
+    active adapter, no DoRA or other variant, no adapter bias, no hooks (ZeRO-3 keeps
+    it as a module).  Its ``lora_B(lora_A(dropout(x))) * scaling`` joins the fused loss
+    as the low-rank addend ``(scaling * lora_A(dropout(x)), lora_B.weight)``: the
+    adapter's modules run as PEFT runs them (same dropout draws), only the
+    ``[tokens, vocab]`` product is left out.
+    """
+    if _head_is_ours(head):
+        return lambda hidden, labels, shift: head(hidden, labels=labels, shift_labels=shift)
+    parts = _plain_lora(head)
+    if isinstance(parts, str):
+        ops.warn_once("xtuner-patch: the loss of InternLM2ForCausalLM is computed from its "
+                      "logits: the LM head %s", parts)
+        return None
+    lora_a, lora_b, dropout, scaling = parts
+
+    def loss(hidden, labels, shift):
+        weights = (head.base_layer.weight, lora_a.weight, lora_b.weight)
+        if not torch.is_autocast_enabled(hidden.device.type) and any(
+                w.dtype != hidden.dtype for w in weights):
+            ops.warn_once("xtuner-patch: the loss of InternLM2ForCausalLM is computed from "
+                          "its logits: the LM head's LoRA weights are %s, its input %s",
+                          "/".join(str(w.dtype) for w in weights), hidden.dtype)
+            return None
+        low_rank = (lora_a(dropout(hidden)) * scaling, lora_b.weight)
+        return head.base_layer(hidden, labels=labels, shift_labels=shift, low_rank=low_rank)
+    return loss
+
+
+def _plain_lora(head):
+    """``(lora_A, lora_B, dropout, scaling)`` of a PEFT LoRA ``Linear`` around our head whose
+    output is ``base(x) + lora_B(lora_A(dropout(x))) * scaling``, else why it is not."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        LoraLinear = None
+    if LoraLinear is None or type(head) is not LoraLinear:
+        return f"is a {type(head).__name__}, not the patched nn.Linear (or a PEFT LoRA layer " \
+               "around it)"
+    if not _head_is_ours(head.base_layer):
+        return f"is a LoRA layer around a {type(head.base_layer).__name__}, not the patched " \
+               "nn.Linear"
+    active = [name for name in head.active_adapters if name in head.lora_A]
+    if head.merged or head.disable_adapters or len(active) != 1:
+        return "is a LoRA layer with merged, disabled or several active adapters"
+    name = active[0]
+    lora_a, lora_b = head.lora_A[name], head.lora_B[name]
+    if (name in getattr(head, "lora_variant", {}) or getattr(head, "use_dora", {}).get(name)
+            or getattr(head, "lora_bias", {}).get(name) or head.fan_in_fan_out
+            or type(lora_a) is not torch.nn.Linear or type(lora_b) is not torch.nn.Linear
+            or lora_b.bias is not None):
+        return "is a LoRA variant (DoRA, an adapter bias, fan_in_fan_out, ...)"
+    dropout = head.lora_dropout[name]
+    if ops.has_hooks(head, lora_a, lora_b, dropout) or hasattr(lora_b.weight, "ds_id"):
+        return "is a LoRA layer with hooks (e.g. DeepSpeed ZeRO-3 gathering its weights)"
+    return lora_a, lora_b, dropout, head.scaling[name]
 
 
 def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None,
@@ -265,9 +334,9 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
                       cache_position=None, **kwargs):
     """InternLM2ForCausalLM.forward: in training with labels, the fused loss and no logits."""
     shifted = getattr(self, "xtuner_patch_labels_shifted", False)
-    fused = (labels is not None and self.training and self.xtuner_patch_fused_loss
-             and _head_is_ours(self.output))
-    if not fused and not (labels is not None and shifted):
+    fused_loss = (_fused_head_loss(self.output) if labels is not None and self.training
+                  and self.xtuner_patch_fused_loss else None)
+    if fused_loss is None and not (labels is not None and shifted):
         return type(self).forward(
             self, input_ids=input_ids, attention_mask=attention_mask,
             position_ids=position_ids, past_key_values=past_key_values,
@@ -281,13 +350,14 @@ def causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=No
         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
         return_dict=True, cache_position=cache_position, **kwargs)
     hidden_states = outputs[0]
-    if fused:
-        logits = None
-        loss = self.output(hidden_states, labels=labels, shift_labels=not shifted)
-    else:
-        # Labels already aligned with the positions that predict them: no shift.
+    logits = None
+    loss = fused_loss(hidden_states, labels, not shifted) if fused_loss is not None else None
+    if loss is None:
         logits = self.output(hidden_states).float()
-        loss = F.cross_entropy(logits.flatten(0, -2), labels.flatten().to(logits.device))
+        # Hugging Face's shift as targets (the last position predicts nothing), unless the
+        # labels are aligned with the positions that predict them already.
+        targets = labels if shifted else shift_targets(labels)
+        loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten().to(logits.device))
 
     from transformers.modeling_outputs import CausalLMOutputWithPast
 

@@ -19,14 +19,32 @@ logger = logging.getLogger("xtuner_patch")
 _warned = set()
 
 
+def warn_once(message: str, *args) -> None:
+    """Log ``message % args`` as a warning the first time that text comes up in this process."""
+    text = message % args if args else message
+    if text not in _warned:
+        _warned.add(text)
+        logger.warning(text)
+
+
+def has_hooks(*modules) -> bool:
+    """Whether calling any of ``modules`` would run hooks (its own or global ones): then
+    only a module call does what it does (e.g. DeepSpeed ZeRO-3 gathering weights)."""
+    from torch.nn.modules import module as nn_module
+
+    hook_dicts = [nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks,
+                  nn_module._global_backward_hooks, nn_module._global_backward_pre_hooks]
+    for m in modules:
+        hook_dicts += [m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                       m._backward_pre_hooks]
+    return any(hook_dicts)
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
     if tensor.is_cuda or INTERPRETER:
         return True
-    if tensor.device.type not in _warned:
-        _warned.add(tensor.device.type)
-        logger.warning("xtuner-patch: Triton kernels need CUDA (or TRITON_INTERPRET=1); "
-                       "tensors on %s run the PyTorch reference implementations",
-                       tensor.device.type)
+    warn_once("xtuner-patch: Triton kernels need CUDA (or TRITON_INTERPRET=1); tensors on %s "
+              "run the PyTorch reference implementations", tensor.device.type)
     return False
 
 
@@ -59,11 +77,14 @@ def swiglu(a, b):
     return reference.swiglu_reference(a, b)
 
 
-def linear_cross_entropy(hidden, weight, labels, *, shift_labels: bool, ignore_index=-100):
-    """Mean cross-entropy of ``hidden @ weight.T`` against ``labels`` (0 when all are ignored);
-    the fused kernel never materialises the logits, the reference does."""
+def linear_cross_entropy(hidden, weight, labels, *, shift_labels: bool, ignore_index=-100,
+                         low_rank=None):
+    """Mean cross-entropy of ``hidden @ weight.T`` (``+ a @ b.T`` with ``low_rank`` ``(a, b)``)
+    against ``labels`` (0 when all are ignored); the fused kernel never materialises the
+    logits, the reference does."""
     if use_triton(hidden):
         return kernels.fused_linear_cross_entropy(hidden, weight, labels, ignore_index,
-                                                  shift_labels=shift_labels)
+                                                  shift_labels=shift_labels, low_rank=low_rank)
     return reference.linear_cross_entropy_reference(hidden, weight, labels, ignore_index,
-                                                    shift_labels=shift_labels)
+                                                    shift_labels=shift_labels,
+                                                    low_rank=low_rank)

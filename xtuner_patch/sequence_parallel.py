@@ -114,16 +114,10 @@ def _plain_linear(linear, x: torch.Tensor) -> Optional[tuple]:
     """``(weight, bias)`` of ``linear`` when ``F.linear`` with them is all its forward
     would do on ``x`` (``wqkv``'s output, for its dtype and device), else None: then the
     module runs as it is and its input gradient is packed by a separate pass."""
-    from torch.nn.modules import module as nn_module
-
-    hooks = (linear._forward_hooks, linear._forward_pre_hooks, linear._backward_hooks,
-             linear._backward_pre_hooks, nn_module._global_forward_hooks,
-             nn_module._global_forward_pre_hooks, nn_module._global_backward_hooks,
-             nn_module._global_backward_pre_hooks)
     if type(linear) is not torch.nn.Linear:
         reason = f"it is a {type(linear).__name__} (a LoRA wrapper, a subclass, ...), " \
                  "not a plain torch.nn.Linear"
-    elif any(hooks) or hasattr(linear.weight, "ds_id"):
+    elif ops.has_hooks(linear) or hasattr(linear.weight, "ds_id"):
         reason = "it has hooks (e.g. DeepSpeed ZeRO-3 gathering its weight)"
     elif torch.is_autocast_enabled(x.device.type):
         reason = "autocast picks its GEMM's dtype"
@@ -132,15 +126,9 @@ def _plain_linear(linear, x: torch.Tensor) -> Optional[tuple]:
                  f"{x.dtype} on {x.device}"
     else:
         return linear.weight, linear.bias
-    if reason not in _unfused_reasons:
-        _unfused_reasons.add(reason)
-        ops.logger.warning("xtuner-patch: sequence parallel calls the attention output "
-                           "projection as a module, its input gradient packed by a "
-                           "separate pass: %s", reason)
+    ops.warn_once("xtuner-patch: sequence parallel calls the attention output projection as a "
+                  "module, its input gradient packed by a separate pass: %s", reason)
     return None
-
-
-_unfused_reasons = set()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group, *,
