@@ -5,13 +5,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The stamp changes with the pins, so editing them re-runs the install.
-STAMP := $(VENV)/.installed-$(shell cat requirements/ci.txt requirements/ci-lock.txt pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell (cat requirements/ci.txt requirements/ci-lock.txt pyproject.toml; grep ^BITSANDBYTES Makefile) | sha1sum | cut -c1-12)
 # A regular (not editable) install: editable installs do not get xtuner-patch.pth,
 # the auto-import behind `XTUNER_PATCH=1 xtuner train`.  Reinstalled when sources change.
 PKG_STAMP := $(VENV)/.package-installed
 PKG_SOURCES := $(shell find kernels xtuner_patch -name '*.py') setup.py pyproject.toml \
 	xtuner-patch.pth _xtuner_patch_autoload.py
 DEMO := .cache/demo
+BITSANDBYTES := 0.45.5
 
 .PHONY: venv demo test bench compile-check gpu-check gpu-wheels clean
 
@@ -22,6 +23,9 @@ $(STAMP): requirements/ci.txt requirements/ci-lock.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements/ci.txt -c requirements/ci-lock.txt
 	# deepspeed builds from source; with no ops compiled it needs only torch, installed above.
 	DS_BUILD_OPS=0 $(PY) -m pip install -q "deepspeed==0.19.6" -c requirements/ci-lock.txt
+	# xtuner 0.2.0 pins bitsandbytes 0.45.0, which imports triton.ops (gone since triton
+	# 3.2): PEFT then cannot build a LoRA layer.  0.45.5 imports; same API.
+	$(PY) -m pip install -q --no-deps "bitsandbytes==$(BITSANDBYTES)"
 	rm -f $(VENV)/.installed-*
 	touch $@
 
