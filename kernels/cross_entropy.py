@@ -37,7 +37,8 @@ Tokens are processed in chunks of ``chunk_size`` rows.  Per chunk, in the forwar
    ``'auto'`` accumulates when the accumulator is small next to the logits of the call
    (``tokens >= 8 * H``, so at most an eighth of their fp32 size), and recomputes below
    that: there the accumulator would be most of the memory the loss needs (at
-   InternLM2-7B's head, accumulation from 32k tokens per call).
+   InternLM2-7B's head, accumulation from 32k tokens per call).  With a frozen weight
+   (LoRA) there is no ``V x H`` accumulator to spare: ``'auto'`` accumulates.
 
 So the gradients are finished when the forward pass returns; backward only multiplies
 them (in place) by the incoming gradient, and can therefore run once per forward.
@@ -338,7 +339,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         grad_weight_mode: how the weight gradient is summed over chunks: ``'accumulate'``
             (three matrix products, an fp32 ``V x H`` accumulator), ``'recompute'``
             (four products, no accumulator) or ``'auto'`` (accumulate from
-            ``8 * H`` tokens on); see the module doc.
+            ``8 * H`` tokens on, or when ``weight`` needs no gradient); see the module doc.
         low_rank: ``(a, b)`` whose product ``a @ b.T`` is added to the logits: ``a``
             ``[..., r]`` (``hidden``'s leading dimensions), ``b`` ``[V, r]``, both of
             ``hidden``'s dtype and device.  A LoRA adapter on the head is ``a = scaling *
@@ -402,12 +403,15 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     def needs(*tensors):
         return tuple(grad and t is not None and t.requires_grad for t in tensors)
 
+    need_dx, need_dw = needs(hidden, low_rank_input), needs(weight, low_rank_weight)
+    # 'auto' recomputes to spare the V x H accumulator: with the head frozen (LoRA) only
+    # the adapter's V x r one is left, and accumulating is the cheaper mode.
+    recompute = recomputes_weight_grad(grad_weight_mode, n_tokens, weight.shape[1]) and (
+        need_dw[0] or grad_weight_mode == "recompute")
     with torch.autocast(device_type, enabled=False):
         return _FusedLinearCrossEntropy.apply(
             hidden, weight, low_rank_input, low_rank_weight, targets, int(ignore_index),
-            reduction, chunk_size, needs(hidden, low_rank_input),
-            needs(weight, low_rank_weight),
-            recomputes_weight_grad(grad_weight_mode, n_tokens, weight.shape[1]))
+            reduction, chunk_size, need_dx, need_dw, recompute)
 
 
 def _check_low_rank(low_rank, hidden: torch.Tensor, weight: torch.Tensor):

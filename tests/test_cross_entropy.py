@@ -109,6 +109,23 @@ def test_low_rank_addend_matches_hf_with_lora_float64(gen, dtype, case, frozen, 
         assert_rel_close(weight.grad, w64.grad, name="grad weight")
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_auto_mode_accumulates_when_only_the_adapter_learns(gen, monkeypatch, frozen):
+    """Below 8 tokens per hidden unit 'auto' recomputes to spare the V x H accumulator;
+    with the head frozen only the adapter's V x r one is needed: it accumulates."""
+    import kernels.cross_entropy as module
+
+    second_pass = []
+    rows_kernel = module._rows_kernel
+    monkeypatch.setattr(module, "_rows_kernel", lambda *args, **kw: (
+        second_pass.append(kw.get("lse_known", False)), rows_kernel(*args, **kw)))
+    hidden, weight, labels = _inputs((20,), 16, 100, torch.float32, gen)
+    weight.requires_grad_(not frozen)
+    a, b = _low_rank((20,), 100, 2, torch.float32, gen)
+    fused_linear_cross_entropy(hidden, weight, labels, chunk_size=8, low_rank=(a, b)).backward()
+    assert any(second_pass) is not frozen
+
+
 def test_half_precision_accumulation_in_vocabulary_slices(gen, monkeypatch):
     """Without an fp32-output addmm (CPU), half-precision chunk products reach the fp32
     accumulator slice by slice; slices that do not divide the vocabulary."""
