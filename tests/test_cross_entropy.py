@@ -267,7 +267,7 @@ def test_bad_inputs_name_the_argument(gen, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunk,mode,rank", [(None, "auto", 0), (1000, "accumulate", 0),
                                              (1000, "recompute", 0), (None, "auto", 16),
-                                             (1000, "accumulate", 16)])
+                                             (1000, "recompute", 16)])
 def test_bf16_on_gpu_at_internlm2_vocab(gen, chunk, mode, rank):
     """92544 vocabulary, bf16: no worse than Hugging Face's bf16 path against float64
     (with ``rank``, a LoRA adapter of that rank on the head, as PEFT adds it)."""
