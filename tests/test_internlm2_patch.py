@@ -248,17 +248,19 @@ def _lora_loss_and_grads(model, input_ids, labels):
 
 @pytest.mark.parametrize("varlen", [False, True])
 def test_lora_on_the_head_keeps_the_fused_loss(tiny_checkpoint, gen, varlen_args, caplog,
-                                               varlen):
+                                               monkeypatch, varlen):
     """XTuner's LoRA (``output`` wrapped too): no logits, loss and every adapter gradient
     as the stock model with the same adapters."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
     from xtuner_patch import ops
 
-    ops._warned.clear()
+    monkeypatch.setattr(ops, "_warned", set())
     lengths = [17, 30, 9]
     model = _with_lora(_dispatch(_load(tiny_checkpoint), use_varlen_attn=varlen), gen)
     stock = _with_lora(_load(tiny_checkpoint), gen)
     stock.load_state_dict(model.state_dict())
-    assert type(model.base_model.model.output).__name__ == "Linear"  # PEFT's LoRA layer
+    assert isinstance(model.base_model.model.output, LoraLinear)
     input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, model.config.vocab_size)
     if not varlen:  # one sequence per row, three rows
         input_ids, labels = input_ids.view(1, -1)[:, :54].view(3, 18), labels[:, :54].view(3, 18)
@@ -308,10 +310,10 @@ def test_lora_head_loss_draws_the_adapter_dropout_as_peft_does(tiny_checkpoint, 
 
 
 def test_lora_variants_on_the_head_take_the_logits_with_one_warning(tiny_checkpoint, gen,
-                                                                    caplog):
+                                                                    caplog, monkeypatch):
     from xtuner_patch import ops
 
-    ops._warned.clear()
+    monkeypatch.setattr(ops, "_warned", set())
     model = _with_lora(_dispatch(_load(tiny_checkpoint), use_varlen_attn=False), gen,
                        use_dora=True)
     stock = _with_lora(_load(tiny_checkpoint), gen, use_dora=True)
