@@ -94,15 +94,19 @@ def test_patched_kernels_match_stock_xtuner_per_step(tmp_path, tiny_checkpoint, 
     assert patched == pytest.approx(stock, rel=2e-4)
 
 
+def _lora(dropout: float):
+    """Config replacements: XTuner's LoRA (every linear layer, the head ``output`` too)."""
+    return [("from transformers import AutoModelForCausalLM",
+             "from peft import LoraConfig\nfrom transformers import AutoModelForCausalLM"),
+            ("    use_varlen_attn=varlen_attn,\n",
+             "    use_varlen_attn=varlen_attn,\n    lora=dict(type=LoraConfig, r=8, lora_alpha=16, "
+             f"lora_dropout={dropout}, bias='none', task_type='CAUSAL_LM'),\n")]
+
+
 def test_lora_training_matches_stock_xtuner_per_step(tmp_path, tiny_checkpoint, sample_ftdp):
-    """XTuner's LoRA (every linear layer wrapped, the head ``output`` too): the patched
-    run keeps the fused loss, its adapter on the head joining as a low-rank addend."""
-    config = _config_variant(tmp_path, "lora.py", NO_VARLEN + [
-        ("from transformers import AutoModelForCausalLM",
-         "from peft import LoraConfig\nfrom transformers import AutoModelForCausalLM"),
-        ("    use_varlen_attn=varlen_attn,\n",
-         "    use_varlen_attn=varlen_attn,\n    lora=dict(type=LoraConfig, r=8, lora_alpha=16, "
-         "lora_dropout=0.0, bias='none', task_type='CAUSAL_LM'),\n"),
+    """XTuner's LoRA: the patched run keeps the fused loss, the adapter on the head
+    joining as a low-rank addend."""
+    config = _config_variant(tmp_path, "lora.py", NO_VARLEN + _lora(0.0) + [
         # The adapters start at zero: no warm-up, a large rate, so that they matter by step 3.
         ("lr = 2e-3", "lr = 5e-2"), ("start_factor=0.1", "start_factor=1.0")])
     stock, patched, patched_log = _stock_and_patched_losses(tmp_path, tiny_checkpoint,
@@ -121,6 +125,25 @@ def test_two_ranks_with_deepspeed(tmp_path, tiny_checkpoint, sample_ftdp, zero):
     assert log.count(PATCH_LINE) >= 2  # one line per rank
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert abs(losses[0] - math.log(2048)) < 0.5
+
+
+def test_lora_with_deepspeed_on_two_ranks(tmp_path, tiny_checkpoint, sample_ftdp):
+    """Varlen LoRA training (adapter dropout on) under ZeRO-2 keeps the fused loss; under
+    ZeRO-3, whose hooks gather the adapter's weights, the head's loss comes from the
+    logits with one warning per rank, and the losses are the same."""
+    pytest.importorskip("deepspeed")
+    config = _config_variant(tmp_path, "lora.py", _lora(0.1))
+    runs = {}
+    for zero in ("deepspeed_zero2", "deepspeed_zero3"):
+        work = tmp_path / zero
+        work.mkdir()
+        runs[zero] = _losses(train(str(work), tiny_checkpoint, sample_ftdp["root"],
+                                   config=config, max_iters=3, extra_args=["--deepspeed", zero],
+                                   env={"NPROC_PER_NODE": "2"}))
+    (zero2, log2), (zero3, log3) = runs["deepspeed_zero2"], runs["deepspeed_zero3"]
+    assert "computed from its logits" not in log2
+    assert log3.count("computed from its logits: the LM head is a LoRA layer with hooks") == 2
+    assert len(zero2) == 3 and zero3 == pytest.approx(zero2, rel=1e-4)
 
 
 def _installed_pth() -> str:
