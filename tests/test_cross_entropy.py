@@ -205,15 +205,17 @@ def test_backward_runs_once(gen):
 
 
 def test_autocast_casts_like_the_linear_head(gen):
+    """Under autocast every operand, the low-rank pair too, is cast as F.linear casts."""
     hidden, weight, labels = _inputs((16,), 32, 120, torch.float32, gen)
+    a, b = _low_rank((16,), 120, 3, torch.float32, gen)
     with torch.autocast(DEVICE.type, dtype=torch.float16):
-        loss = fused_linear_cross_entropy(hidden, weight, labels)
+        loss = fused_linear_cross_entropy(hidden, weight, labels, low_rank=(a, b))
     loss.backward()
-    assert weight.grad.dtype == torch.float32
-    half = [t.detach().half().requires_grad_() for t in (hidden, weight)]
-    fused_linear_cross_entropy(*half, labels).backward()
-    assert_rel_close(hidden.grad, half[0].grad.float(), torch.float16, name="grad hidden")
-    assert_rel_close(weight.grad, half[1].grad.float(), torch.float16, name="grad weight")
+    assert weight.grad.dtype == b.grad.dtype == torch.float32
+    half = [t.detach().half().requires_grad_() for t in (hidden, weight, a, b)]
+    fused_linear_cross_entropy(*half[:2], labels, low_rank=half[2:]).backward()
+    for name, t, h in zip(("hidden", "weight", "a", "b"), (hidden, weight, a, b), half):
+        assert_rel_close(t.grad, h.grad.float(), torch.float16, name=f"grad {name}")
 
 
 def test_auto_mode_recomputes_below_eight_tokens_per_hidden_unit():
