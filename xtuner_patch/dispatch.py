@@ -30,8 +30,9 @@ def describe(switches: KernelSwitches) -> str:
     if switches.swiglu:
         parts.append("InternLM2MLP silu(w1 x) * w3 x -> kernels.swiglu")
     if switches.cross_entropy:
-        parts.append("InternLM2ForCausalLM training loss (labels given, train mode) -> "
-                     "kernels.fused_linear_cross_entropy (no logits returned)")
+        parts.append("InternLM2ForCausalLM training loss (labels given, train mode; with a "
+                     "PEFT LoRA adapter on the head too) -> kernels.fused_linear_cross_entropy "
+                     "(no logits returned)")
     active = "; ".join(parts) if parts else "no kernel switched on"
     return f"xtuner.model.modules.dispatch.dispatch_modules patched: {active}"
 
