@@ -369,8 +369,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden's "
                          f"without the last dimension), got {tuple(labels.shape)}")
-    for name, tensor in (("weight", weight), ("labels", labels)):
-        if tensor.device != hidden.device:
+    low_rank_input, low_rank_weight = _check_low_rank(low_rank, hidden, weight)
+    for name, tensor in (("weight", weight), ("labels", labels), ("low_rank[0]", low_rank_input),
+                         ("low_rank[1]", low_rank_weight)):
+        if tensor is not None and tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -379,8 +381,6 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if grad_weight_mode not in GRAD_WEIGHT_MODES:
         raise ValueError(f"grad_weight_mode must be one of {GRAD_WEIGHT_MODES}, got "
                          f"{grad_weight_mode!r}")
-
-    low_rank_input, low_rank_weight = _check_low_rank(low_rank, hidden, weight)
 
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -415,7 +415,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
 
 def _check_low_rank(low_rank, hidden: torch.Tensor, weight: torch.Tensor):
-    """``(a, b)`` of ``low_rank`` after checking their shapes and devices, or ``(None, None)``."""
+    """``(a, b)`` of ``low_rank`` after checking their shapes, or ``(None, None)``."""
     if low_rank is None:
         return None, None
     if not isinstance(low_rank, (tuple, list)) or len(low_rank) != 2:
@@ -428,7 +428,4 @@ def _check_low_rank(low_rank, hidden: torch.Tensor, weight: torch.Tensor):
         raise ValueError(f"low_rank must be (a [{', '.join(map(str, hidden.shape[:-1]))}, r], "
                          f"b [{weight.shape[0]}, r]) for hidden {tuple(hidden.shape)} and weight "
                          f"{tuple(weight.shape)}, got a {tuple(a.shape)} and b {tuple(b.shape)}")
-    for name, tensor in (("low_rank[0]", a), ("low_rank[1]", b)):
-        if tensor.device != hidden.device:
-            raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
     return a, b
