@@ -11,7 +11,9 @@ Implementations (``step``):
   one all-to-all, views; all-to-all, ``unpack_heads``; the reverse in backward);
 - ``xtuner``: what XTuner's varlen InternLM2 forward does: ``repeat_kv_bshd`` on K and
   V, then ``pre_process_for_sequence_parallel_attn`` / ``post_process_...``
-  (``tensor_split`` + ``contiguous`` + list all-to-all + ``cat`` for each of q, k, v);
+  (``tensor_split`` + ``contiguous`` + list all-to-all + ``cat`` for each of q, k, v).
+  Where the backend has no list all-to-all (gloo in torch 2.11; 2.14 has one), that
+  one runs as point-to-point pairs (:func:`p2p_all_to_all`);
 - ``all-to-all``: ``all_to_all_single`` of our byte counts alone (4 per step), the
   floor ``xtuner-patch`` is measured against.
 
@@ -66,8 +68,45 @@ def xtuner_groups(sp: int, group):
             setattr(state, name, saved.get(name))
 
 
-def step(impl: str, sp: int, rank: int, group, tokens: int, device, use_triton: bool):
-    """A callable running one layer's exchanges forward + backward on fresh-looking data."""
+def p2p_all_to_all(outputs, inputs, group=None) -> None:
+    """``dist.all_to_all`` as ``isend``/``irecv`` pairs, each list tensor sent or received
+    where it is (what NCCL does for a list all-to-all: no staging buffer, so XTuner's
+    layouts are timed with no copy they would not make), this rank's own piece copied.
+    For backends without a list all-to-all."""
+    rank = dist.get_rank(group)
+    requests = []
+    for peer, (out, inp) in enumerate(zip(outputs, inputs)):
+        if peer == rank:
+            out.copy_(inp)
+            continue
+        other = peer if group is None else dist.get_global_rank(group, peer)
+        requests += [dist.isend(inp, other, group=group), dist.irecv(out, other, group=group)]
+    for request in requests:
+        request.wait()
+
+
+@contextlib.contextmanager
+def xtuner_list_all_to_all(emulated: bool):
+    """XTuner's sequence-parallel collective as it is, or with ``emulated`` its list
+    all-to-all replaced by :func:`p2p_all_to_all`."""
+    if not emulated:
+        yield
+        return
+    import xtuner.parallel.sequence.comm as xtuner_comm
+
+    saved = xtuner_comm.dist
+    xtuner_comm.dist = types.SimpleNamespace(all_to_all=p2p_all_to_all,
+                                             get_world_size=dist.get_world_size)
+    try:
+        yield
+    finally:
+        xtuner_comm.dist = saved
+
+
+def step(impl: str, sp: int, rank: int, group, tokens: int, device, use_triton: bool,
+         p2p_list_all_to_all: bool = False):
+    """A callable running one layer's exchanges forward + backward on fresh-looking data
+    (XTuner's list all-to-all as :func:`p2p_all_to_all` with ``p2p_list_all_to_all``)."""
     split = split_heads(HEADS, KV_HEADS, sp)
     gen = torch.Generator(device=device).manual_seed(rank)
 
@@ -105,7 +144,7 @@ def step(impl: str, sp: int, rank: int, group, tokens: int, device, use_triton: 
         dout = randn(1, tokens, HEADS, HEAD_DIM)
 
         def run():
-            with xtuner_groups(sp, group):
+            with xtuner_groups(sp, group), xtuner_list_all_to_all(p2p_list_all_to_all):
                 every = pre_process_for_sequence_parallel_attn(
                     q, repeat_kv_bshd(k, HEADS // KV_HEADS), repeat_kv_bshd(v, HEADS // KV_HEADS))
                 out = _Attend.apply(*every, grads)
@@ -238,22 +277,24 @@ def list_all_to_all_supported() -> bool:
 
 
 def gloo_steps(rank: int):
-    """The gloo cases, indexed as :func:`announce` numbers them."""
-    return [step(impl, 2, rank, dist.group.WORLD, GLOO_TOKENS, torch.device("cpu"), False)
-            for impl in IMPLS]
+    """Probe the list all-to-all (announced as ``PROBE``), then ``(the gloo cases,
+    indexed as :func:`announce` numbers them; whether the list all-to-all is native)``."""
+    native = list_all_to_all_supported()
+    return [step(impl, 2, rank, dist.group.WORLD, GLOO_TOKENS, torch.device("cpu"), False,
+                 p2p_list_all_to_all=not native) for impl in IMPLS], native
 
 
 def peer(address: str) -> None:
     """Rank 1 of the gloo benchmark: run each announced case until STOP."""
     dist.init_process_group("gloo", init_method=address, rank=1, world_size=2)
-    steps = gloo_steps(1)
+    steps = None
     case = torch.tensor([0])
     while True:
         dist.broadcast(case, src=0)
         if int(case) == STOP:
             break
         if int(case) == PROBE:
-            list_all_to_all_supported()
+            steps, _ = gloo_steps(1)
         else:
             steps[int(case)]()
     dist.destroy_process_group()

@@ -30,7 +30,9 @@ xtuner-patch vs XTuner (see ``benchmarks/sp_exchange.py`` for what each step doe
   process being rank 0 and ``python -m benchmarks.sp_exchange`` rank 1;
   ``all-to-all`` moves our bytes with nothing else, so ``xtuner-patch`` minus it is
   our layout cost (``extra_info["layout_share_of_ours"]``, a fraction of the
-  ``all-to-all`` time, on the ``all-to-all`` row).
+  ``all-to-all`` time, on the ``all-to-all`` row).  gloo in torch 2.11 has no list
+  all-to-all: XTuner's row then sends its list as point-to-point pairs, as NCCL does
+  (``extra_info["list_all_to_all"]``).
 """
 
 import importlib
@@ -45,7 +47,7 @@ from benchmarks.conftest import HAS_CUDA, OURS, measure, skip_missing
 from benchmarks.copy_bandwidth import copy_gbps
 from benchmarks.sp_exchange import (DTYPE, GLOO_TOKENS, HEAD_DIM, HEADS, IMPLS, KV_HEADS,
                                     LAYER_IMPLS, PROBE, STOP, announce, counting_collectives,
-                                    gloo_steps, layer_step, list_all_to_all_supported, step)
+                                    gloo_steps, layer_step, step)
 from kernels.sp_layout import split_heads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,7 +143,7 @@ def test_sp_layer_layout_fwd_bwd(benchmark, sp, impl):
 def gloo_pair(tmp_path_factory):
     """This process as rank 0 of a 2-rank gloo group; rank 1 mirrors every announced step.
     Yields the steps, a dict for the medians measured, and whether XTuner's list
-    all-to-all exists on this gloo."""
+    all-to-all exists on this gloo (else its row runs it as point-to-point pairs)."""
     import torch.distributed as dist
 
     _xtuner()
@@ -158,7 +160,7 @@ def gloo_pair(tmp_path_factory):
     dist.init_process_group("gloo", init_method=address, rank=0, world_size=2)
     try:
         announce(PROBE)
-        yield gloo_steps(0), {}, list_all_to_all_supported()
+        yield (*gloo_steps(0), {})
     finally:
         announce(STOP)
         dist.destroy_process_group()
@@ -168,10 +170,7 @@ def gloo_pair(tmp_path_factory):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_sp_gloo_fwd_bwd(benchmark, gloo_pair, impl):
-    steps, medians, list_all_to_all = gloo_pair
-    if impl == "xtuner" and not list_all_to_all:
-        skip_missing("xtuner", "this torch's gloo has no list all_to_all, which XTuner's "
-                     "sequence parallel calls")
+    steps, native_list_all_to_all, medians = gloo_pair
     index = IMPLS.index(impl)
     run = steps[index]
 
@@ -186,6 +185,9 @@ def test_sp_gloo_fwd_bwd(benchmark, gloo_pair, impl):
             bytes_moved=2 * sum(_expected_bytes(OURS, 2, GLOO_TOKENS).values()), rounds=10)
     medians[impl] = benchmark.stats.stats.median
     benchmark.extra_info.update({f"bytes_{k}": v for k, v in expected.items()})
+    if impl == "xtuner":
+        benchmark.extra_info["list_all_to_all"] = (
+            "gloo's" if native_list_all_to_all else "isend/irecv pairs (this gloo has none)")
     if impl == "all-to-all" and OURS in medians:
         benchmark.extra_info["layout_share_of_ours"] = (
             (medians[OURS] - medians[impl]) / medians[impl])
