@@ -53,7 +53,7 @@ from kernels.sp_layout import split_heads
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LEN = 32768 if HAS_CUDA else 8192  # a whole row; each rank holds SEQ_LEN / sp tokens
 ITEMSIZE = torch.finfo(DTYPE).bits // 8
-# An H100 SXM's NVLink 4 bandwidth in one direction (18 links x 25 GB/s): the fastest
+# An H100 or H200 SXM's NVLink 4 bandwidth in one direction (18 links x 25 GB/s): the fastest
 # an all-to-all can send a GPU's bytes to the others.
 NVLINK_BYTES_PER_S = 450e9
 
