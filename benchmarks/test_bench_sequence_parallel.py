@@ -142,8 +142,8 @@ def test_sp_layer_layout_fwd_bwd(benchmark, sp, impl):
 @pytest.fixture(scope="module")
 def gloo_pair(tmp_path_factory):
     """This process as rank 0 of a 2-rank gloo group; rank 1 mirrors every announced step.
-    Yields the steps, a dict for the medians measured, and whether XTuner's list
-    all-to-all exists on this gloo (else its row runs it as point-to-point pairs)."""
+    Yields the steps, whether XTuner's list all-to-all exists on this gloo (else its row
+    runs it as point-to-point pairs), and a dict for the medians measured."""
     import torch.distributed as dist
 
     _xtuner()
