@@ -4,6 +4,8 @@ import argparse
 import json
 import sys
 
+from .errors import UserError
+
 
 def _make_tiny_model(args) -> int:
     from .fixtures import build_internlm2_checkpoint
@@ -83,7 +85,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"make-tiny-model": _make_tiny_model, "make-sample-data": _make_sample_data,
                 "data": _data, "convert": _convert}
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
