@@ -3,9 +3,15 @@ the residual add that precedes it in every decoder layer.
 
 Forward (one program per tile of ``BLOCK_M`` rows, a whole row per tile)::
 
-    s    = x + residual            (rounded to x.dtype; only with a residual)
+    s    = x + residual            (in fp32, rounded to s's dtype; only with a residual)
     rstd = rsqrt(mean(s**2) + eps)  (fp32)
-    y    = weight * (s * rstd).to(x.dtype)
+    y    = weight * (s * rstd).to(s.dtype)
+
+Mixed dtypes follow PyTorch's promotion, as the unfused ops do under ``torch.autocast``
+(where, with fp32 weights, the residual stream stays fp32 while the attention output is
+half precision): ``s`` is ``promote_types(x, residual)``, the output
+``promote_types(s, weight)``; each input's gradient comes back in its own dtype.  No
+part of RMSNorm is cast by autocast, so running under it changes nothing.
 
 Backward runs a fixed number of programs, each over a fixed contiguous chunk of rows:
 it writes the input gradient row by row and accumulates its chunk's weight gradient in
@@ -55,15 +61,15 @@ def _rms_norm_fwd_kernel(
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
         # PyTorch adds half-precision tensors in fp32 and rounds once; so do we.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
         tl.store(S + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
     x = x.to(tl.float32)
 
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
     tl.store(RSTD + rows, rstd, mask=row_mask)
 
-    # InternLM2 rounds the normalised value to the input dtype before the weight.
-    normed = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    # InternLM2 rounds the normalised value to the input dtype (s's) before the weight.
+    normed = (x * rstd[:, None]).to(S.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     y = normed * w[None, :]
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -128,9 +134,10 @@ def _tile(n_cols: int) -> Tuple[int, int, int]:
 
 def _forward(x2: torch.Tensor, weight: torch.Tensor, r2: Optional[torch.Tensor], eps: float):
     n_rows, n_cols = x2.shape
-    out_dtype = torch.promote_types(x2.dtype, weight.dtype)
-    y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x2.device)
-    s = torch.empty_like(y, dtype=x2.dtype) if r2 is not None else x2
+    s_dtype = torch.promote_types(x2.dtype, r2.dtype) if r2 is not None else x2.dtype
+    y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(s_dtype, weight.dtype),
+                    device=x2.device)
+    s = torch.empty_like(y, dtype=s_dtype) if r2 is not None else x2
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2.device)
     if n_rows == 0:
         return y, s, rstd
@@ -190,7 +197,7 @@ class _RMSNormFunction(torch.autograd.Function):
         r2 = as_rows("residual", residual, n_cols) if residual is not None else None
         y, s, rstd = _forward(x2, weight, r2, eps)
         ctx.save_for_backward(s, weight, rstd)
-        ctx.has_residual = residual is not None
+        ctx.input_dtypes = (x.dtype, None if residual is None else residual.dtype)
         ctx.in_place_grad = in_place_grad
         ctx.set_materialize_grads(False)
         y = y.view(x.shape)
@@ -205,8 +212,10 @@ class _RMSNormFunction(torch.autograd.Function):
         dx, dw = _backward(dy, ds, s, weight, rstd, ctx.needs_input_grad[1],
                            ctx.in_place_grad)
         shape = ds.shape if ds is not None else dy.shape
-        dx = dx.view(shape)
-        return dx, dw, (dx if ctx.has_residual else None), None, None
+        ds_total = dx.view(shape)  # the gradient of s, shared by x and the residual
+        x_dtype, residual_dtype = ctx.input_dtypes
+        grad_residual = ds_total.to(residual_dtype) if residual_dtype is not None else None
+        return ds_total.to(x_dtype), dw, grad_residual, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
@@ -220,17 +229,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
             or a column slice of one); other layouts raise ``ValueError``.
         weight: ``[hidden]``, fp16 / bf16 / fp32.
         eps: added to the mean square (``InternLM2RMSNorm.variance_epsilon``).
-        residual: optional tensor of ``x``'s shape and dtype.  When given, the norm is
-            taken of ``s = x + residual`` (rounded to ``x.dtype``) and ``(normed, s)`` is
-            returned, both differentiable: the gradient of ``s`` reaches ``x`` and
-            ``residual`` together with the gradient through the norm.
+        residual: optional tensor of ``x``'s shape, any float dtype.  When given, the
+            norm is taken of ``s = x + residual`` (summed in fp32, rounded to
+            ``promote_types(x.dtype, residual.dtype)``, as ``x + residual`` is) and
+            ``(normed, s)`` is returned, both differentiable: the gradient of ``s``
+            reaches ``x`` and ``residual`` (each in its own dtype) together with the
+            gradient through the norm.
         in_place_grad: write the input gradient into the incoming gradient's buffer
-            instead of a new one (when that buffer is contiguous and of ``x.dtype``).
+            instead of a new one (when that buffer is contiguous and of ``s``'s dtype).
             Only for callers that do not reuse the gradient of the norm's output.
 
     Returns:
-        ``normed`` (contiguous, ``[..., hidden]``, dtype ``promote_types(x.dtype,
-        weight.dtype)`` as in InternLM2), or ``(normed, s)`` with a residual.
+        ``normed`` (contiguous, ``[..., hidden]``, dtype ``promote_types(s.dtype,
+        weight.dtype)`` as in InternLM2, ``s`` being ``x`` without a residual), or
+        ``(normed, s)`` with a residual.
 
     Rows wider than :data:`MAX_FUSED_HIDDEN` run :func:`rms_norm_reference`.
     """
@@ -245,7 +257,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     if weight.device != x.device:
         raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     if residual is not None:
-        check_tensor("residual", residual, dtypes=(x.dtype,), last_dim_contiguous=True)
+        check_tensor("residual", residual, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, "
                              f"got {tuple(residual.shape)}")

@@ -15,8 +15,11 @@ Rotation layouts: ``neox`` (default) rotates the pairs ``(i, i + d/2)`` like
 
 Numerics follow ``InternLM2RotaryEmbedding`` + ``apply_rotary_pos_emb``: the angle is
 ``(float(position) / position_divisor) * inv_freq`` in fp32 (IEEE division and product,
-as PyTorch does), cos and sin are taken in fp32 and rounded to the dtype of q, like
-Hugging Face's ``cos.to(x.dtype)``.  The two products and the sum are then done in fp32
+as PyTorch does), cos and sin are taken in fp32 and rounded to the dtype of the tensor
+they rotate, like Hugging Face's ``cos.to(x.dtype)``.  q and k may differ in dtype
+(each is rotated in its own; autocast casts none of these ops), and ``inv_freq`` is
+read as fp32 whatever its dtype, as Hugging Face's ``inv_freq.float()`` reads it after
+a model-wide cast.  The two products and the sum are then done in fp32
 and rounded once, where Hugging Face rounds each of the three to the input dtype.
 
 ``tl.sin``/``tl.cos`` may lower to the GPU's fast approximations, which are accurate
@@ -75,8 +78,9 @@ def _rotate_heads(IN, OUT, in_tok, out_tok, n_outer, n_inner,
         if ROTATE:
             a32 = a.to(tl.float32)
             b32 = b.to(tl.float32)
-            c = cos[:, None, :]
-            s = sin[:, None, :]
+            # Hugging Face rounds cos and sin to the activation dtype before using them.
+            c = cos.to(OUT.dtype.element_ty).to(tl.float32)[:, None, :]
+            s = sin.to(OUT.dtype.element_ty).to(tl.float32)[:, None, :]
             a = (a32 * c - b32 * s).to(OUT.dtype.element_ty)
             b = (b32 * c + a32 * s).to(OUT.dtype.element_ty)
         tl.store(dst + cols_a[None, None, :], a, mask=mask)
@@ -145,9 +149,6 @@ def _rotary_kernel(
         angle = angle - turns * _TWO_PI_C
         cos = tl.cos(angle)
         sin = tl.sin(angle)
-    # Hugging Face rounds cos and sin to the activation dtype before using them.
-    cos = cos.to(Q.dtype.element_ty).to(tl.float32)
-    sin = sin.to(Q.dtype.element_ty).to(tl.float32)
     if INVERSE:
         sin = -sin
 
@@ -409,7 +410,7 @@ def _check_angles(half: int, device: torch.device, inv_freq: Optional[torch.Tens
     if (inv_freq is None) == (cos_sin_cache is None):
         raise ValueError("pass exactly one of inv_freq and cos_sin_cache")
     if inv_freq is not None:
-        check_tensor("inv_freq", inv_freq, ndim=1, dtypes=(torch.float32,),
+        check_tensor("inv_freq", inv_freq, ndim=1, dtypes=FLOAT_DTYPES,
                      last_dim_contiguous=True)
         if inv_freq.shape[0] != half:
             raise ValueError(f"inv_freq must have head_dim // 2 = {half} entries, "
@@ -418,7 +419,7 @@ def _check_angles(half: int, device: torch.device, inv_freq: Optional[torch.Tens
             raise ValueError(f"inv_freq is on {inv_freq.device} but q is on {device}")
         if not position_divisor > 0:
             raise ValueError(f"position_divisor must be positive, got {position_divisor}")
-        return _Angles(inv_freq, float(position_divisor), None, None)
+        return _Angles(inv_freq.float(), float(position_divisor), None, None)
     if position_divisor != 1.0:
         raise ValueError("position_divisor applies to inv_freq; bake it into cos_sin_cache")
     if not isinstance(cos_sin_cache, (tuple, list)) or len(cos_sin_cache) != 2:
@@ -447,9 +448,8 @@ def _check_cache_range(angles: _Angles, span: Optional[Tuple[int, int]]) -> None
                          f"positions [0, {rows - 1}]")
 
 
-def _check_qk(name: str, x: torch.Tensor, dtype=None) -> None:
-    check_tensor(name, x, dtypes=(dtype,) if dtype is not None else FLOAT_DTYPES,
-                 last_dim_contiguous=True)
+def _check_qk(name: str, x: torch.Tensor) -> None:
+    check_tensor(name, x, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     if x.dim() not in (3, 4, 5):
         raise ValueError(f"{name} must be [tokens, heads, d], [batch, seq, heads, d] or "
                          f"[batch, seq, heads_outer, heads_inner, d], got shape {tuple(x.shape)}")
@@ -468,8 +468,9 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, *,
     """Rotate ``q`` and ``k`` by their tokens' positions in one launch; differentiable.
 
     Args:
-        q, k: same dtype (fp16 / bf16 / fp32), same token dimensions and head size ``d``
-            (even); any layout of the module docstring, each with its own head count.
+        q, k: fp16 / bf16 / fp32 (each rotated in its own dtype), same token dimensions
+            and head size ``d`` (even); any layout of the module docstring, each with
+            its own head count.
         position_ids: int32/int64 position of every token (``[batch, seq]``, or
             ``[seq]`` / ``[1, seq]`` for all batch rows); restarts at 0 per packed
             sample, as XTuner's varlen collate produces.
@@ -480,8 +481,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, *,
         position_offset: with ``cu_seqlens``, the index in that packing of the first
             local token (a sequence-parallel rank's shard start); cu_seqlens describes
             the whole packing.
-        inv_freq: fp32 ``[d // 2]`` inverse frequencies (see :func:`rotary_inv_freq`);
-            cos/sin are then computed in the kernel.
+        inv_freq: ``[d // 2]`` inverse frequencies (see :func:`rotary_inv_freq`), read
+            as fp32; cos/sin are then computed in the kernel.
         position_divisor: positions are divided by it first (linear RoPE scaling).
         cos_sin_cache: instead of ``inv_freq``, ``(cos, sin)`` tables ``[P, d // 2]``
             indexed by position (e.g. ``cos[:, :d // 2]`` of Hugging Face's ``[P, d]``).
@@ -498,7 +499,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, *,
     dtypes or devices, positions outside ``cos_sin_cache``, and bad ``cu_seqlens``.
     """
     _check_qk("q", q)
-    _check_qk("k", k, q.dtype)
+    _check_qk("k", k)
     q_heads, k_heads = _heads(q), _heads(k)
     if (q_heads.n_batch, q_heads.seqlen) != (k_heads.n_batch, k_heads.seqlen):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must have the same "

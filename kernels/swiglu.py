@@ -14,6 +14,10 @@ every MLP, this keeps ``a`` and ``b``::
 Hugging Face rounds ``silu(a)`` to the input dtype before the product; this kernel rounds
 only the result, so in fp16 / bf16 it is slightly closer to the exact value.
 
+Mixed dtypes follow PyTorch's promotion (``silu(a) * b`` has dtype ``promote_types(a, b)``;
+autocast casts neither op): the output has the promoted dtype, ``da`` and ``db`` their
+inputs' dtypes.
+
 ``a`` and ``b`` may be column slices of one tensor (the two halves of a fused ``w1``/``w3``
 projection): any layout whose rows share one stride is read in place.
 """
@@ -70,7 +74,7 @@ class _SwiGLUFunction(torch.autograd.Function):
     def forward(ctx, a, b):
         n_cols = a.shape[-1]
         a2, b2 = as_rows("a", a, n_cols), as_rows("b", b, n_cols)
-        y = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+        y = torch.empty(a.shape, dtype=torch.promote_types(a.dtype, b.dtype), device=a.device)
         y2 = y.view(-1, n_cols)
         _swiglu_fwd_kernel[_grid(*y2.shape)](
             a2, b2, y2, n_cols, a2.stride(0), b2.stride(0), y2.stride(0),
@@ -103,13 +107,14 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Args:
         a: the gate, ``[..., n]`` (``w1(x)``), fp16 / bf16 / fp32, last dimension
             contiguous and the leading dimensions addressable with one row stride.
-        b: the up projection (``w3(x)``), same shape, dtype and device as ``a``.
+        b: the up projection (``w3(x)``), ``a``'s shape and device, fp16 / bf16 / fp32.
 
     Returns:
-        A new contiguous tensor of ``a``'s shape and dtype.
+        A new contiguous tensor of ``a``'s shape, dtype ``promote_types(a.dtype,
+        b.dtype)``.
     """
     check_tensor("a", a, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
-    check_tensor("b", b, dtypes=(a.dtype,), last_dim_contiguous=True)
+    check_tensor("b", b, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
     if a.dim() == 0:
         raise ValueError("a must have at least one dimension, got a scalar")
     if b.shape != a.shape:

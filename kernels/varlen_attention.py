@@ -615,22 +615,30 @@ def varlen_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention within each packed sequence, ``flash_attn_varlen_func``'s signature.
 
     ``q``: ``[total_q, hq, d]``; ``k``, ``v``: ``[total_k, hkv, d]`` with ``hq % hkv == 0``,
-    all of one dtype (fp16, bf16 or fp32), ``d`` in :data:`SUPPORTED_HEAD_DIMS`, any
+    all of one dtype (fp16, bf16 or fp32; under ``torch.autocast`` any of them, cast to
+    the autocast dtype as ``scaled_dot_product_attention`` is), ``d`` in
+    :data:`SUPPORTED_HEAD_DIMS`, any
     strides with a contiguous last dimension.  ``cu_seqlens_q/_k``: int32 ``[batch + 1]``
     from 0 to ``total_q``/``total_k``; ``max_seqlen_q/_k`` at least the longest sequence
     (they are only checked: the launch is sized from the lengths themselves).
     ``softmax_scale`` defaults to ``1 / sqrt(d)``; ``causal`` masks bottom-right aligned
     (query ``i`` sees key ``j <= i + len_k - len_q``).  ``dropout_p`` must be 0.
 
-    Returns ``out`` ``[total_q, hq, d]`` in q's dtype, and with ``return_lse`` also
-    ``lse`` ``[hq, total_q]`` fp32 (natural log; not differentiable).  Rows that see no
-    key get ``out = 0`` and ``lse = +inf``.  Gradients flow to q, k and v.
+    Returns ``out`` ``[total_q, hq, d]`` in q's (or autocast's) dtype, and with
+    ``return_lse`` also ``lse`` ``[hq, total_q]`` fp32 (natural log; not differentiable).
+    Rows that see no key get ``out = 0`` and ``lse = +inf``.  Gradients flow to q, k
+    and v.
     """
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p={dropout_p}: attention dropout is not "
                                   "implemented; pass dropout_p=0.0")
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, ndim=3, dtypes=FLOAT_DTYPES, last_dim_contiguous=True)
+    if torch.is_autocast_enabled(q.device.type):
+        # A matrix-product op: autocast runs it in its lower precision, as it runs
+        # torch's scaled_dot_product_attention (a no-op for inputs already in it).
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:

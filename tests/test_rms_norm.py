@@ -188,10 +188,44 @@ def test_bad_inputs_are_rejected(gen, make, error, match):
         rms_norm(x, w)
 
 
+# (x, residual, weight): the decoder layer under autocast with fp32 weights adds the
+# half-precision attention output to the fp32 residual stream; the others permute it.
+MIXED = [(torch.float16, torch.float32, torch.float32), (torch.float32, torch.float16,
+                                                          torch.float16),
+         (torch.float16, torch.float16, torch.float32), (torch.float32, torch.float32,
+                                                          torch.float16)]
+
+
+@pytest.mark.parametrize("x_dtype, r_dtype, w_dtype", MIXED,
+                         ids=["-".join(str(d)[6:] for d in m) for m in MIXED])
+def test_mixed_dtypes_follow_pytorch_promotion(gen, x_dtype, r_dtype, w_dtype):
+    """What ``x + residual`` and ``InternLM2RMSNorm`` give in PyTorch: ``s`` in the
+    promoted dtype, the output promoted with the weight's; each gradient in its input's
+    dtype, each tensor as accurate as its dtype allows."""
+    shape, eps = (5, 9, 96), 1e-5
+    x, r = leaf(randn(shape, x_dtype, generator=gen)), leaf(randn(shape, r_dtype, generator=gen))
+    w = leaf(_weight(shape[-1], w_dtype, gen))
+    y, s = rms_norm(x, w, eps, residual=r)
+    s_dtype = torch.promote_types(x_dtype, r_dtype)
+    assert s.dtype == s_dtype and y.dtype == torch.promote_types(s_dtype, w_dtype)
+    dy, ds = randn(shape, y.dtype, generator=gen), randn(shape, s_dtype, generator=gen)
+    torch.autograd.backward((y, s), (dy, ds))
+    x64, r64, w64 = (leaf(t.double()) for t in (x, r, w))
+    ref_y, ref_s = rms_norm_reference(x64, w64, eps, residual=r64)
+    torch.autograd.backward((ref_y, ref_s), (dy.double(), ds.double()))
+    # The weakest dtype among the inputs bounds every result.
+    weakest = torch.float16
+    for name, got, ref in (("normed", y, ref_y), ("sum", s, ref_s), ("dx", x.grad, x64.grad),
+                           ("dresidual", r.grad, r64.grad), ("dweight", w.grad, w64.grad)):
+        assert_rel_close(got, ref, weakest, name=name)
+    assert (x.grad.dtype, r.grad.dtype, w.grad.dtype) == (x_dtype, r_dtype, w_dtype)
+
+
 @pytest.mark.parametrize("residual, error, match", [
     (lambda g: randn((4, 32), generator=g), ValueError, "residual must have x's shape"),
-    (lambda g: randn((4, 64), torch.float16, generator=g), TypeError, "residual must have dtype"),
-], ids=["shape", "dtype"])
+    (lambda g: torch.ones(4, 64, dtype=torch.int32, device=DEVICE), TypeError,
+     "residual must have dtype"),
+], ids=["shape", "integer"])
 def test_bad_residual_is_rejected(gen, residual, error, match):
     with pytest.raises(error, match=match):
         rms_norm(randn((4, 64), generator=gen), randn(64, generator=gen), residual=residual(gen))

@@ -122,6 +122,28 @@ def test_cu_seqlens_position_ids_and_reference_agree(gen, dtype):
     assert_rel_close(by_cu[1], ref_k, name="k")
 
 
+def test_mixed_dtypes_each_rotated_in_its_own(gen):
+    """q and k of different dtypes, each rotated with cos/sin rounded to its own dtype (as
+    Hugging Face rounds them to the activation's); ``inv_freq`` of a model cast as a whole
+    (bf16 here) read as fp32, as Hugging Face's ``inv_freq.float()`` reads it."""
+    lengths = [9, 30]
+    q = leaf(randn((sum(lengths), 4, 32), torch.float16, generator=gen))
+    k = leaf(randn((sum(lengths), 2, 32), torch.float32, generator=gen))
+    inv_freq = rotary_inv_freq(32, 1e6, device=DEVICE)[0].bfloat16()
+    q_out, k_out = apply_rotary(q, k, cu_seqlens=_cu_seqlens(lengths), inv_freq=inv_freq)
+    assert (q_out.dtype, k_out.dtype) == (torch.float16, torch.float32)
+    dq, dk = randn(q.shape, torch.float16, generator=gen), randn(k.shape, generator=gen)
+    torch.autograd.backward([q_out, k_out], [dq, dk])
+    q64, k64 = leaf(q.double()), leaf(k.double())
+    ref_q, ref_k = rotary_reference(q64, k64, cu_seqlens=_cu_seqlens(lengths),
+                                    inv_freq=inv_freq.float())
+    torch.autograd.backward([ref_q, ref_k], [dq.double(), dk.double()])
+    assert_rel_close(q_out, ref_q, name="q")
+    assert_rel_close(k_out, ref_k, name="k")
+    assert_rel_close(q.grad, q64.grad, name="dq")
+    assert_rel_close(k.grad, k64.grad, name="dk")
+
+
 def test_sequence_parallel_shard_offset(gen):
     """A rank's shard of a packing: cu_seqlens of the whole packing + the shard start."""
     lengths, world = [10, 23, 7, 24], 4
@@ -310,7 +332,7 @@ def _bad_case(name):
     args = dict(q=q, k=k, position_ids=ids, inv_freq=inv)
     change = {
         "k-tokens": dict(k=randn((7, 2, 16), generator=g)),
-        "k-dtype": dict(k=k.half()),
+        "k-integer": dict(k=k.long()),
         "head-dim": dict(k=randn((8, 2, 8), generator=g)),
         "odd-head-dim": dict(q=randn((8, 4, 15), generator=g), k=randn((8, 2, 15), generator=g),
                              inv_freq=inv[:7]),
@@ -343,7 +365,7 @@ def _bad_case(name):
 
 BAD = {
     "k-tokens": (ValueError, "same token dimensions"),
-    "k-dtype": (TypeError, "k must have dtype"),
+    "k-integer": (TypeError, "k must have dtype"),
     "head-dim": (ValueError, "head size"),
     "odd-head-dim": (ValueError, "even head size"),
     "q-2d": (ValueError, r"q must be \[tokens, heads, d\]"),

@@ -33,6 +33,22 @@ def test_matches_float64(gen, dtype, shape):
     assert_rel_close(b.grad, ref_db, name="db")
 
 
+@pytest.mark.parametrize("a_dtype, b_dtype", [(torch.float16, torch.float32),
+                                             (torch.float32, torch.float16)])
+def test_mixed_dtypes_follow_pytorch_promotion(gen, a_dtype, b_dtype):
+    """``silu(a) * b`` in PyTorch has the promoted dtype; each gradient its input's."""
+    a = leaf(randn((6, 300), a_dtype, generator=gen, scale=3.0))
+    b = leaf(randn((6, 300), b_dtype, generator=gen))
+    y = swiglu(a, b)
+    assert y.dtype == torch.float32
+    dy = randn(y.shape, generator=gen)
+    y.backward(dy)
+    ref_y, ref_da, ref_db = _float64(a, b, dy)
+    for name, got, ref in (("y", y, ref_y), ("da", a.grad, ref_da), ("db", b.grad, ref_db)):
+        assert_rel_close(got, ref, torch.float16, name=name)
+    assert (a.grad.dtype, b.grad.dtype) == (a_dtype, b_dtype)
+
+
 def test_reference_matches_float64(gen):
     a, b = (randn((7, 33), torch.float64, generator=gen) for _ in range(2))
     assert_rel_close(swiglu_reference(a, b), F.silu(a) * b)
@@ -70,12 +86,12 @@ def test_broadcast_gradient_and_empty_input(gen):
 
 
 @pytest.mark.parametrize("make, error, message", [
-    (lambda a: (a, a.half()), TypeError, "b must have dtype"),
+    (lambda a: (a, a.long()), TypeError, "b must have dtype"),
     (lambda a: (a, a[:, :5]), ValueError, "b must have a's shape"),
     (lambda a: (a.long(), a.long()), TypeError, "a must have dtype"),
     (lambda a: (a.t(), a.t()), ValueError, "a must be contiguous in its last dimension"),
     (lambda a: (a[0, 0], a[0, 0]), ValueError, "a must have at least one dimension"),
-], ids=["dtype", "shape", "int", "transposed", "scalar"])
+], ids=["integer-b", "shape", "int", "transposed", "scalar"])
 def test_bad_inputs_name_the_argument(gen, make, error, message):
     a = randn((6, 8), generator=gen)
     with pytest.raises(error, match=message):

@@ -161,6 +161,29 @@ def test_gradients_of_packed_heads_are_one_buffer(gen):
     assert_rel_close(dqkv, qkv64.grad, torch.float32, factor=GRAD_FACTOR, name="dqkv")
 
 
+def test_autocast_computes_in_its_dtype(gen):
+    """Under autocast, fp32 (or mixed) inputs are cast to the autocast dtype, as torch's
+    scaled_dot_product_attention casts them: the very result of fp16 inputs, gradients
+    back in each input's dtype."""
+    hq, hkv, d = 4, 2, 64
+    lengths = [21, 40]
+    cu = _cu(lengths).to(DEVICE)
+    q = randn((sum(lengths), hq, d), generator=gen).requires_grad_()
+    k = randn((sum(lengths), hkv, d), torch.float16, generator=gen).requires_grad_()
+    v = randn((sum(lengths), hkv, d), generator=gen).requires_grad_()
+    dout = randn((sum(lengths), hq, d), torch.float16, generator=gen)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out = varlen_attn_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+    assert out.dtype == torch.float16
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert [g.dtype for g in grads] == [torch.float32, torch.float16, torch.float32]
+    half = [x.detach().half().requires_grad_() for x in (q, k, v)]
+    want = varlen_attn_func(*half, cu, cu, max(lengths), max(lengths), causal=True)
+    assert torch.equal(out, want)
+    for got, ref in zip(grads, torch.autograd.grad(want, half, dout)):
+        assert torch.equal(got, ref.to(got.dtype))
+
+
 def test_padded_batch_wrapper(gen):
     batch, seqlen, hq, hkv, d = 3, 37, 4, 2, 64
     q = randn((batch, seqlen, hq, d), generator=gen).requires_grad_()

@@ -16,8 +16,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
 
     ``x``: ``[..., hidden]``; ``weight``: ``[hidden]``.  The result has dtype
     ``promote_types(x.dtype, weight.dtype)``, as in ``InternLM2RMSNorm``.  With
-    ``residual`` (same shape and dtype as ``x``) the input is ``s = x + residual``,
-    rounded to ``x.dtype``, and ``(normed(s), s)`` is returned: the decoder layer's
+    ``residual`` (``x``'s shape, any float dtype) the input is ``s = x + residual``, in
+    PyTorch's promoted dtype, and ``(normed(s), s)`` is returned: the decoder layer's
     residual add followed by its norm.
     """
     if residual is not None:
