@@ -22,9 +22,9 @@ Tokens are processed in chunks of ``chunk_size`` rows.  Per chunk, in the forwar
      runs in an fp32 accumulator ``V x H``, rounded to the weight's dtype after the last
      chunk; with a single chunk the product is written directly.  A half-precision
      chunk's product goes into the accumulator inside the matrix product (``addmm`` with
-     an fp32 ``out_dtype``, CUDA) or, where torch cannot do that, is added to it in
-     slices of :data:`GRAD_WEIGHT_SLICE` vocabulary rows, so no second ``V x H``
-     temporary exists; fp32 products go in with ``addmm_``.
+     an fp32 ``out_dtype``, CUDA) or, where torch cannot do that, from fp32 copies of
+     its operands in slices of :data:`GRAD_WEIGHT_SLICE` vocabulary rows, so no second
+     ``V x H`` temporary exists; fp32 products go in with ``addmm_``.
      Three matrix products in all, but ``4 * V * H`` bytes (1.5 GB at InternLM2-7B's head).
    - ``'recompute'``: the forward pass keeps each row's log-sum-exp, then walks the
      vocabulary in slices of ``V_s`` rows: ``logits_s = h @ W_s.T`` for every token (into
@@ -52,11 +52,25 @@ the base head's product is rounded, as Hugging Face + PEFT round it) and gets it
 gradients from the same ``dlogits``: ``grad_a = dlogits @ b``, ``grad_b = dlogits.T @ a``
 (summed over chunks like ``grad_W``, in a ``V x r`` accumulator).
 
+Dtypes.  The logits are computed in one "compute dtype": ``hidden``'s, or the autocast
+dtype under ``torch.autocast`` (as the head's ``F.linear`` is); the operands are cast to
+it inside the function, so each input's gradient comes back in its own dtype and an fp32
+weight (mixed-precision training) gets its fp32 accumulator as its gradient, never
+rounded to half precision.  A low-rank pair of another dtype (an fp32 LoRA adapter on a
+half-precision head) is cast too.  In fp16, ``dlogits`` is tiny (``softmax / n_valid``)
+and would flush to zero where Hugging Face's loss, scaled by the AMP loss scale before
+its backward, keeps it: the forward therefore writes ``dlogits`` times a power of two
+that brings its largest possible magnitude to :data:`FP16_GRAD_BOUND`, sums every weight
+gradient in fp32 (no fp16 product over many tokens, which could overflow), and the
+backward pass divides the power of two out again (exactly) when it applies the incoming
+gradient; the weight gradients are rounded to their dtype only then.
+
 Targets are checked on the host (one synchronisation per call): a target outside
 ``[0, V)`` that is not ``ignore_index`` raises ``ValueError`` instead of a device assert.
 """
 
 import functools
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -84,9 +98,15 @@ RECOMPUTE_CHUNK_TOKENS = 1024
 GRAD_WEIGHT_MODES = ("auto", "accumulate", "recompute")
 
 # Vocabulary rows per weight-gradient product added to the fp32 accumulator where torch
-# has no fp32-output addmm for half inputs: the temporary in the input dtype is
-# GRAD_WEIGHT_SLICE x H (64 MiB at H = 4096 in bf16).
+# has no fp32-output addmm for half inputs: the fp32 copies are GRAD_WEIGHT_SLICE x
+# chunk (128 MiB at 4096 tokens) and chunk x H.
 GRAD_WEIGHT_SLICE = 8192
+
+# In fp16 the logits' gradient is written scaled by a power of two so that its largest
+# possible magnitude lies in (FP16_GRAD_BOUND / 2, FP16_GRAD_BOUND]: softmax values down
+# to 1e-7 of the largest stay normal fp16 numbers, and the hidden-state gradient
+# (at most 2 * FP16_GRAD_BOUND * max|W| per element) stays far from fp16's 65504.
+FP16_GRAD_BOUND = 256.0
 
 # Vocabulary columns per iteration of the row kernel (at most), and its warps.
 _BLOCK_V = 4096
@@ -199,24 +219,38 @@ def _cuda_has_fp32_out_addmm(index: int) -> bool:
     return torch.equal(acc.cpu(), torch.tensor([[6.0, 12.0], [12.0, 26.0]]))
 
 
-def _add_half_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` for an fp32 ``acc`` ``[M, N]`` and half-precision ``a`` ``[M, K]``,
-    ``b`` ``[K, N]``, with fp32 accumulation and one rounding per product."""
-    if _has_fp32_out_addmm(acc.device):
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` for an fp32 ``acc`` ``[M, N]``, ``a`` ``[M, K]`` and ``b`` ``[K, N]``
+    of one dtype, summed in fp32 and never rounded to a half-precision product."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif _has_fp32_out_addmm(acc.device):
         # The GEMM's epilogue reads and writes acc: no temporary, no separate add kernel.
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        return
-    for start in range(0, acc.shape[0], GRAD_WEIGHT_SLICE):
-        rows = slice(start, min(start + GRAD_WEIGHT_SLICE, acc.shape[0]))
-        acc[rows].add_(torch.mm(a[rows], b))
+    else:
+        b = b.float()
+        for start in range(0, acc.shape[0], GRAD_WEIGHT_SLICE):
+            rows = slice(start, min(start + GRAD_WEIGHT_SLICE, acc.shape[0]))
+            acc[rows].addmm_(a[rows].float(), b)
+
+
+def gradient_prescale(dtype: torch.dtype, scale: float) -> float:
+    """The power of two the forward multiplies the logits' gradient by (see the module
+    doc): 1 except in fp16, where ``scale`` (``1 / n_valid`` or 1) times it lies in
+    ``(FP16_GRAD_BOUND / 2, FP16_GRAD_BOUND]``."""
+    if dtype != torch.float16:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(FP16_GRAD_BOUND / scale))
 
 
 def _forward(inputs, weights, targets, ignore_index, scale, chunk_size, need_dx, need_dw,
-             recompute):
+             recompute, grad_scale, dw_dtypes):
     """Losses and gradients for ``logits = sum_i inputs[i] @ weights[i].T``.
 
     ``inputs[i]``: ``[N, K_i]``, ``weights[i]``: ``[V, K_i]`` (the head, then an optional
-    low-rank addend); ``need_dx[i]`` / ``need_dw[i]`` say which gradients to compute.
+    low-rank addend), all of the compute dtype; ``need_dx[i]`` / ``need_dw[i]`` say which
+    gradients to compute.  The gradients are those of ``grad_scale * loss``; the weights'
+    are returned in ``dw_dtypes`` (fp32 whenever ``grad_scale != 1``).
     Returns ``(losses, [grad of inputs[i] or None], [grad of weights[i] or None])``.
     """
     n_rows, vocab = inputs[0].shape[0], weights[0].shape[0]
@@ -228,13 +262,21 @@ def _forward(inputs, weights, targets, ignore_index, scale, chunk_size, need_dx,
     if recompute:
         chunk_size = min(chunk_size, RECOMPUTE_CHUNK_TOKENS)
     single = n_rows <= chunk_size
-    accumulate = not recompute and not single
+    # Sums over chunks, and every scaled fp16 product, go into fp32 accumulators.
+    wide = grad_scale != 1.0 or (not recompute and not single)
     dws = [None if not need else
-           torch.zeros(w.shape, dtype=torch.float32, device=device) if accumulate else
+           torch.zeros(w.shape, dtype=torch.float32, device=device) if wide else
            torch.empty_like(w, memory_format=torch.contiguous_format)
            for w, need in zip(weights, need_dw)]
     if n_rows == 0:
-        return losses, dxs, [dw.zero_() if dw is not None else None for dw in dws]
+        return losses, dxs, [dw.zero_().to(dtype) if dw is not None else None
+                             for dw, dtype in zip(dws, dw_dtypes)]
+
+    def weight_grad_into(dw, dlogits_t, x):
+        if wide:
+            _add_product(dw, dlogits_t, x)
+        else:
+            torch.mm(dlogits_t, x, out=dw)
 
     def logits_into(out, rows, cols):
         torch.mm(inputs[0][rows], weights[0][cols].t(), out=out)
@@ -247,20 +289,15 @@ def _forward(inputs, weights, targets, ignore_index, scale, chunk_size, need_dx,
         rows = slice(start, min(start + chunk_size, n_rows))
         logits = buffer[:(rows.stop - start) * vocab].view(rows.stop - start, vocab)
         logits_into(logits, rows, every)
-        _rows_kernel(logits, targets[rows], losses[rows], lse[rows], scale, ignore_index,
+        _rows_kernel(logits, targets[rows], losses[rows], lse[rows], scale * grad_scale,
+                     ignore_index,
                      compute_grad=any(need_dx) or (any(need_dw) and not recompute))
         for w, dx in zip(weights, dxs):
             if dx is not None:
                 torch.mm(logits, w, out=dx[rows])
         for x, dw in zip(inputs, dws):
-            if dw is None or recompute:
-                continue
-            if single:
-                torch.mm(logits.t(), x, out=dw)
-            elif dw.dtype == x.dtype:
-                dw.addmm_(logits.t(), x[rows])
-            else:
-                _add_half_product(dw, logits.t(), x[rows])
+            if dw is not None and not recompute:
+                weight_grad_into(dw, logits.t(), x[rows])
     if any(need_dw) and recompute:
         # The buffer, seen as [n_rows, slice]: every token's logits of a vocabulary slice.
         vocab_slice = max(1, buffer.numel() // n_rows)
@@ -268,32 +305,38 @@ def _forward(inputs, weights, targets, ignore_index, scale, chunk_size, need_dx,
             cols = slice(v, min(v + vocab_slice, vocab))
             logits = buffer[:n_rows * (cols.stop - v)].view(n_rows, cols.stop - v)
             logits_into(logits, every, cols)
-            _rows_kernel(logits, targets, losses, lse, scale, ignore_index, first_col=v,
-                         lse_known=True)
+            _rows_kernel(logits, targets, losses, lse, scale * grad_scale, ignore_index,
+                         first_col=v, lse_known=True)
             for x, dw in zip(inputs, dws):
                 if dw is not None:
-                    torch.mm(logits.t(), x, out=dw[cols])
+                    weight_grad_into(dw[cols], logits.t(), x)
     # Freed before the accumulators' copies in the weights' dtype are made, which can reuse it.
     del buffer, logits
-    return losses, dxs, [dw.to(w.dtype) if dw is not None and dw.dtype != w.dtype else dw
-                         for dw, w in zip(dws, weights)]
+    return losses, dxs, [dw.to(dtype) if dw is not None else None
+                         for dw, dtype in zip(dws, dw_dtypes)]
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, low_rank_input, low_rank_weight, targets, ignore_index,
-                reduction, chunk_size, need_dx, need_dw, recompute):
-        inputs, weights = [hidden.reshape(-1, hidden.shape[-1])], [weight]
+                reduction, chunk_size, need_dx, need_dw, recompute, compute_dtype):
+        originals = [(hidden, weight)]
         if low_rank_input is not None:
-            inputs.append(low_rank_input.reshape(-1, low_rank_input.shape[-1]))
-            weights.append(low_rank_weight)
+            originals.append((low_rank_input, low_rank_weight))
+        inputs = [x.reshape(-1, x.shape[-1]).to(compute_dtype) for x, _ in originals]
+        weights = [w.to(compute_dtype) for _, w in originals]
         n_valid = _check_targets(targets, weight.shape[0], ignore_index)
         # With no target left the loss is 0 with zero gradients (not 0/0).
         scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+        grad_scale = gradient_prescale(compute_dtype, scale)
+        # Scaled gradients stay in fp32 until backward has divided the scale out.
+        dw_dtypes = [w.dtype if grad_scale == 1.0 else torch.float32 for _, w in originals]
         losses, dxs, dws = _forward(inputs, weights, targets, ignore_index, scale, chunk_size,
-                                    need_dx[:len(inputs)], need_dw[:len(inputs)], recompute)
-        ctx.input_shapes = (hidden.shape, None if low_rank_input is None
-                            else low_rank_input.shape)
+                                    need_dx[:len(inputs)], need_dw[:len(inputs)], recompute,
+                                    grad_scale, dw_dtypes)
+        del inputs, weights
+        ctx.inputs = [(x.shape, x.dtype, w.dtype) for x, w in originals]
+        ctx.grad_scale = grad_scale
         ctx.grads = (dxs, dws)
         return losses.sum() * scale
 
@@ -305,12 +348,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 "fused_linear_cross_entropy: backward can run only once per forward (its "
                 "gradients are computed in the forward pass and scaled in place)")
         (dxs, dws), ctx.grads = ctx.grads, None
-        dxs = [dx.mul_(grad_loss).view(shape) if dx is not None else None
-               for dx, shape in zip(dxs, ctx.input_shapes)]
-        dws = [dw.mul_(grad_loss) if dw is not None else None for dw in dws]
+        # A power of two: dividing it out is exact.
+        factor = grad_loss / ctx.grad_scale if ctx.grad_scale != 1.0 else grad_loss
+        dxs = [dx.mul_(factor).view(shape).to(x_dtype) if dx is not None else None
+               for dx, (shape, x_dtype, _) in zip(dxs, ctx.inputs)]
+        dws = [dw.mul_(factor).to(w_dtype) if dw is not None else None
+               for dw, (_, _, w_dtype) in zip(dws, ctx.inputs)]
         dxs += [None] * (2 - len(dxs))
         dws += [None] * (2 - len(dws))
-        return dxs[0], dws[0], dxs[1], dws[1], None, None, None, None, None, None, None
+        return (dxs[0], dws[0], dxs[1], dws[1]) + (None,) * 8
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -325,7 +371,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     Args:
         hidden: ``[..., H]`` (``[tokens, H]`` or ``[batch, seq, H]``), fp16 / bf16 / fp32,
             any strides.
-        weight: ``[V, H]``, the LM head's weight, same dtype and device as ``hidden``.
+        weight: ``[V, H]``, the LM head's weight, on ``hidden``'s device; of ``hidden``'s
+            dtype, as ``F.linear`` requires, unless autocast casts both.
         labels: int64 of ``hidden.shape[:-1]``: target ids in ``[0, V)`` or ``ignore_index``.
         ignore_index: targets with this value contribute neither loss nor gradient.
         reduction: ``'mean'`` over the targets that are not ignored (as
@@ -341,27 +388,29 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
             (four products, no accumulator) or ``'auto'`` (accumulate from
             ``8 * H`` tokens on, or when ``weight`` needs no gradient); see the module doc.
         low_rank: ``(a, b)`` whose product ``a @ b.T`` is added to the logits: ``a``
-            ``[..., r]`` (``hidden``'s leading dimensions), ``b`` ``[V, r]``, both of
-            ``hidden``'s dtype and device.  A LoRA adapter on the head is ``a = scaling *
-            lora_A(dropout(hidden))``, ``b = lora_B.weight``: the adapter's ``[tokens, V]``
-            output is never materialised either.  Each chunk's logits get the product in
-            the same buffer (one more matrix product of inner size ``r``), and ``a`` and
-            ``b`` their gradients like ``hidden`` and ``weight``.
+            ``[..., r]`` (``hidden``'s leading dimensions), ``b`` ``[V, r]``, on
+            ``hidden``'s device, any float dtype (cast to the logits' compute dtype; PEFT
+            keeps adapters in fp32 on a half-precision head).  A LoRA adapter on the
+            head is ``a = scaling * lora_A(dropout(hidden))``, ``b = lora_B.weight``: the
+            adapter's ``[tokens, V]`` output is never materialised either.  Each chunk's
+            logits get the product in the same buffer (one more matrix product of inner
+            size ``r``), and ``a`` and ``b`` their gradients like ``hidden`` and
+            ``weight``.
 
     Returns:
         The loss, an fp32 scalar.  When every target is ignored it is 0 and the gradients
         are zero (Hugging Face's mean is NaN there).
 
     Gradients are computed in the forward pass, only for the inputs that require them
-    (and none under ``torch.no_grad()``); the backward pass may run once.  Under
-    ``torch.autocast``, ``hidden`` and ``weight`` are first cast to the autocast dtype,
-    as the head's ``F.linear`` would be.
+    (and none under ``torch.no_grad()``), each in its input's dtype; the backward pass
+    may run once.  Under ``torch.autocast`` the logits are computed in the autocast dtype,
+    as the head's ``F.linear`` computes them (see the module doc for the dtype rules).
     """
     check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be [..., hidden_size] with at least 2 dimensions, "
                          f"got shape {tuple(hidden.shape)}")
-    check_tensor("weight", weight, ndim=2)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("labels", labels, dtypes=(torch.int64,))
     if weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [vocab, {hidden.shape[-1]}] to match hidden's last "
@@ -384,14 +433,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        if low_rank is not None:
-            low_rank_input, low_rank_weight = low_rank_input.to(dtype), low_rank_weight.to(dtype)
-    check_tensor("weight", weight, dtypes=(hidden.dtype,))
-    if low_rank is not None:
-        check_tensor("low_rank[0]", low_rank_input, dtypes=(hidden.dtype,))
-        check_tensor("low_rank[1]", low_rank_weight, dtypes=(hidden.dtype,))
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = hidden.dtype
+        if weight.dtype != hidden.dtype:
+            raise TypeError(f"weight ({weight.dtype}) must have hidden's dtype "
+                            f"({hidden.dtype}), as F.linear requires outside torch.autocast")
 
     targets = shift_targets(labels, ignore_index) if shift_labels else labels
     targets = targets.reshape(-1).contiguous()
@@ -411,7 +458,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     with torch.autocast(device_type, enabled=False):
         return _FusedLinearCrossEntropy.apply(
             hidden, weight, low_rank_input, low_rank_weight, targets, int(ignore_index),
-            reduction, chunk_size, need_dx, need_dw, recompute)
+            reduction, chunk_size, need_dx, need_dw, recompute, compute_dtype)
 
 
 def _check_low_rank(low_rank, hidden: torch.Tensor, weight: torch.Tensor):

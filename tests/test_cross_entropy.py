@@ -218,6 +218,63 @@ def test_autocast_casts_like_the_linear_head(gen):
         assert_rel_close(t.grad, h.grad.float(), torch.float16, name=f"grad {name}")
 
 
+@pytest.mark.parametrize("mode", ["accumulate", "recompute"])
+def test_fp16_amp_gradients_keep_the_softmax_tail(gen, mode):
+    """mmengine's fp16 AMP: fp32 master weights, fp16 autocast, the loss multiplied by
+    the dynamic loss scale (2**16) before backward.  A confident model (each token's
+    target at p ~ 0.95) leaves every other token a softmax term ``p / n_valid`` near
+    1e-7: a few fp16 subnormal steps, or zero, unless scaled before it is rounded, as
+    Hugging Face's path is (by the loss scale).  The weight rows of tokens that are never
+    a target hold only such terms: they must be as accurate as Hugging Face's (without
+    the pre-scale they were 66x less), and every gradient must come back in fp32."""
+    n, hidden_size, vocab = 512, 64, 1024
+    labels = torch.randint(0, hidden_size, (n,), generator=gen, device=DEVICE)
+    hidden = (F.one_hot(labels, hidden_size).float()
+              + randn((n, hidden_size), generator=gen, scale=0.05)).requires_grad_()
+    weight = torch.cat([10 * torch.eye(hidden_size, device=DEVICE),
+                        randn((vocab - hidden_size, hidden_size), generator=gen, scale=0.3)])
+    weight.requires_grad_()
+    scale = 2.0 ** 16
+
+    def scaled_grads(loss_fn, h, w):
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
+            loss = loss_fn(h, w)
+        (loss * scale).backward()
+        return h.grad / scale, w.grad / scale
+
+    ours = scaled_grads(lambda h, w: fused_linear_cross_entropy(
+        h, w, labels, chunk_size=200, grad_weight_mode=mode), hidden, weight)
+    hf = scaled_grads(lambda h, w: F.cross_entropy(F.linear(h, w).float(), labels),
+                      leaf(hidden), leaf(weight))
+    # Float64 on the operands autocast computes with (rounded to fp16).
+    _, ref_dh, ref_dw = _float64_grads(hidden.half(), weight.half(), labels, False)
+    assert ours[0].dtype == ours[1].dtype == torch.float32
+    tail = slice(hidden_size, None)
+    for name, got, theirs, ref in (("grad hidden", ours[0], hf[0], ref_dh),
+                                   ("grad weight", ours[1], hf[1], ref_dw),
+                                   ("grad weight, rows never targeted", ours[1][tail],
+                                    hf[1][tail], ref_dw[tail])):
+        err, hf_err = rel_error(got, ref), rel_error(theirs, ref)
+        assert err <= 1.5 * hf_err, (name, err, hf_err)
+
+
+def test_fp32_adapter_on_a_half_precision_head(gen):
+    """PEFT keeps LoRA adapters in fp32 on an fp16 / bf16 base: the pair is cast to the
+    head's dtype for the logits, its gradients come back in fp32."""
+    hidden, weight, labels = _inputs((24,), 32, 150, torch.float16, gen)
+    a, b = _low_rank((24,), 150, 3, torch.float32, gen)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, low_rank=(a, b))
+    loss.backward()
+    assert a.grad.dtype == b.grad.dtype == torch.float32
+    as64 = [t.detach().double().requires_grad_() for t in (hidden, weight, a, b)]
+    ref = linear_cross_entropy_reference(as64[0], as64[1], labels, IGNORE,
+                                         low_rank=(as64[2], as64[3]))
+    ref.backward()
+    assert_rel_close(loss, ref, torch.float16, name="loss")
+    for name, t, t64 in zip(("hidden", "weight", "a", "b"), (hidden, weight, a, b), as64):
+        assert_rel_close(t.grad, t64.grad, torch.float16, name=f"grad {name}")
+
+
 def test_auto_mode_recomputes_below_eight_tokens_per_hidden_unit():
     from kernels.cross_entropy import recomputes_weight_grad
 
@@ -235,7 +292,9 @@ BAD_INPUTS = {
     "negative-label": (lambda h, w, l, k: (h, w, l.fill_(-1), k), ValueError, "labels must be"),
     "weight-hidden-size": (lambda h, w, l, k: (h, w[:, :7], l, k), ValueError,
                            r"weight must be \[vocab, 8\]"),
-    "weight-dtype": (lambda h, w, l, k: (h, w.half(), l, k), TypeError, "weight must have dtype"),
+    "weight-dtype": (lambda h, w, l, k: (h, w.half(), l, k), TypeError,
+                     r"weight \(torch.float16\) must have hidden's dtype \(torch.float32\), "
+                     "as F.linear requires outside torch.autocast"),
     "weight-1d": (lambda h, w, l, k: (h, w[0], l, k), ValueError, "weight must have 2 dim"),
     "hidden-1d": (lambda h, w, l, k: (h[0], w, l[0], k), ValueError, "hidden must be"),
     "hidden-int": (lambda h, w, l, k: (h.long(), w, l, k), TypeError, "hidden must have dtype"),
@@ -251,9 +310,9 @@ BAD_INPUTS = {
     "low-rank-rank": (lambda h, w, l, k: (h, w, l, dict(low_rank=(torch.zeros(6, 2),
                                                                   torch.zeros(20, 3)))),
                       ValueError, "got a \\(6, 2\\) and b \\(20, 3\\)"),
-    "low-rank-dtype": (lambda h, w, l, k: (h, w, l, dict(low_rank=(torch.zeros(6, 2).half(),
-                                                                   torch.zeros(20, 2).half()))),
-                       TypeError, r"low_rank\[0\] must have dtype"),
+    "low-rank-integer": (lambda h, w, l, k: (h, w, l, dict(low_rank=(torch.zeros(6, 2).long(),
+                                                                     torch.zeros(20, 2)))),
+                         TypeError, r"low_rank\[0\] must have dtype"),
 }
 
 
