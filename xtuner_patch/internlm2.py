@@ -265,9 +265,7 @@ def _head_is_ours(head) -> bool:
 
 def _fused_head_loss(head):
     """``loss(hidden_states, labels, shift_labels)``: the LM head's training loss without
-    logits; None (with one warning per reason) when the head allows no such loss.  The
-    returned function itself gives None when a call's dtypes rule it out: the logits
-    give the loss then.
+    logits; None (with one warning per reason) when the head allows no such loss.
 
     Besides our patched head: a PEFT LoRA ``Linear`` around it (XTuner's LoRA configs
     wrap every linear layer, InternLM2's ``output`` included) in its plain form: one
@@ -286,15 +284,14 @@ def _fused_head_loss(head):
         return None
     lora_a, lora_b, dropout, scaling = parts
 
+    # PEFT casts the adapter's input to the adapter's dtype (fp32 adapters on a
+    # half-precision base); its own method where PEFT has one, so that its switch for
+    # that cast is honoured.
+    cast = getattr(head, "_cast_input_dtype", lambda x, dtype: x.to(dtype))
+
     def loss(hidden, labels, shift):
-        weights = (head.base_layer.weight, lora_a.weight, lora_b.weight)
-        if not torch.is_autocast_enabled(hidden.device.type) and any(
-                w.dtype != hidden.dtype for w in weights):
-            ops.warn_once("xtuner-patch: the loss of InternLM2ForCausalLM is computed from "
-                          "its logits: the LM head's LoRA weights are %s, its input %s",
-                          "/".join(str(w.dtype) for w in weights), hidden.dtype)
-            return None
-        low_rank = (lora_a(dropout(hidden)) * scaling, lora_b.weight)
+        adapter_input = cast(hidden, lora_a.weight.dtype)
+        low_rank = (lora_a(dropout(adapter_input)) * scaling, lora_b.weight)
         return head.base_layer(hidden, labels=labels, shift_labels=shift, low_rank=low_rank)
     return loss
 

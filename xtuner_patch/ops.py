@@ -1,10 +1,12 @@
 """Pick, per call, the Triton kernel or the pure-PyTorch reference it is tested against.
 
-Triton kernels run on CUDA tensors, and on CPU tensors under the Triton interpreter
-(``TRITON_INTERPRET=1`` set before ``kernels`` is imported, as the test-suite does).
-Anything else - CPU training without the interpreter, as in ``make demo`` - runs the
-references from :mod:`kernels.reference`, with one warning per process: same
-semantics, PyTorch speed.
+Triton kernels run on CUDA tensors of fp16 / bf16 / fp32, and on CPU tensors of fp16 /
+fp32 under the Triton interpreter (``TRITON_INTERPRET=1`` set before ``kernels`` is
+imported, as the test-suite does; the interpreter's bf16 arithmetic is broken).
+Anything else - CPU training without the interpreter, as in ``make demo``, bf16 under
+the interpreter, float64 - runs the references from :mod:`kernels.reference`, with one
+warning per reason and process: same semantics, PyTorch speed.  For matrix-product ops
+under ``torch.autocast`` the dtype that counts is the autocast dtype they compute in.
 """
 
 import logging
@@ -40,17 +42,37 @@ def has_hooks(*modules) -> bool:
     return any(hook_dicts)
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    if tensor.is_cuda or INTERPRETER:
-        return True
-    warn_once("xtuner-patch: Triton kernels need CUDA (or TRITON_INTERPRET=1); tensors on %s "
-              "run the PyTorch reference implementations", tensor.device.type)
-    return False
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INTERPRETER_DTYPES = (torch.float16, torch.float32)
+
+
+def use_triton(*tensors: torch.Tensor, matmul: bool = False) -> bool:
+    """Whether the Triton kernels can compute on ``tensors`` (the first decides the
+    device); ``matmul``: the op computes in the autocast dtype when autocast is on."""
+    device = tensors[0].device
+    dtypes = {t.dtype for t in tensors if t is not None and t.is_floating_point()}
+    if matmul and torch.is_autocast_enabled(device.type):
+        dtypes.add(torch.get_autocast_dtype(device.type))
+    if device.type == "cuda":
+        supported, where = _TRITON_DTYPES, "Triton kernels compute"
+    elif INTERPRETER:
+        supported, where = _INTERPRETER_DTYPES, "the Triton interpreter computes (its bf16 is broken)"
+    else:
+        warn_once("xtuner-patch: Triton kernels need CUDA (or TRITON_INTERPRET=1); tensors "
+                  "on %s run the PyTorch reference implementations", device.type)
+        return False
+    unsupported = sorted(str(d) for d in dtypes if d not in supported)
+    if unsupported:
+        warn_once("xtuner-patch: %s %s only: %s tensors run the PyTorch reference "
+                  "implementations", where, "/".join(str(d) for d in supported),
+                  "/".join(unsupported))
+        return False
+    return True
 
 
 def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen):
     """Causal attention within packed sequences; ``q`` ``[t, hq, d]``, ``k``/``v`` ``[t, hkv, d]``."""
-    if use_triton(q):
+    if use_triton(q, k, v, matmul=True):
         return kernels.varlen_attn_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                         causal=True)
     return reference.varlen_attn_reference(q, k, v, cu_seqlens, cu_seqlens, causal=True)[0]
@@ -58,7 +80,7 @@ def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen):
 
 def rms_norm(x, weight, eps, residual=None):
     """``InternLM2RMSNorm`` of ``x`` (or of ``x + residual``, returned too)."""
-    if use_triton(x):
+    if use_triton(x, weight, residual):
         return kernels.rms_norm(x, weight, eps, residual=residual)
     return reference.rms_norm_reference(x, weight, eps, residual=residual)
 
@@ -72,7 +94,7 @@ def split_qkv_rotary(qkv, num_kv_heads, head_dim, *, fused: bool, **rope):
 
 def swiglu(a, b):
     """``silu(a) * b``, the gate of InternLM2's MLP."""
-    if use_triton(a):
+    if use_triton(a, b):
         return kernels.swiglu(a, b)
     return reference.swiglu_reference(a, b)
 
@@ -82,7 +104,7 @@ def linear_cross_entropy(hidden, weight, labels, *, shift_labels: bool, ignore_i
     """Mean cross-entropy of ``hidden @ weight.T`` (``+ a @ b.T`` with ``low_rank`` ``(a, b)``)
     against ``labels`` (0 when all are ignored); the fused kernel never materialises the
     logits, the reference does."""
-    if use_triton(hidden):
+    if use_triton(hidden, weight, *(low_rank or ()), matmul=True):
         return kernels.fused_linear_cross_entropy(hidden, weight, labels, ignore_index,
                                                   shift_labels=shift_labels, low_rank=low_rank)
     return reference.linear_cross_entropy_reference(hidden, weight, labels, ignore_index,
