@@ -53,3 +53,19 @@ def sample_ftdp(tmp_path_factory) -> dict:
 
     root = str(tmp_path_factory.mktemp("ftdp"))
     return {"root": root, **write_sample_ftdp_dataset(root)}
+
+
+@pytest.fixture
+def varlen_args():
+    """``put(cumulative_len, max_seqlen)``: what XTuner's ``VarlenAttnArgsToMessageHubHook``
+    stores for rank 0 before a training iteration; cleared after the test."""
+    from mmengine import MessageHub
+
+    hub = MessageHub.get_instance("varlen_attn_args")
+
+    def put(cu, max_seqlen):
+        hub.update_info("cumulative_len_rank_0", cu)
+        hub.update_info("max_seqlen_rank_0", max_seqlen)
+
+    yield put
+    put(None, None)

@@ -11,86 +11,26 @@ import torch
 
 pytest.importorskip("xtuner.model")
 
-from mmengine import MessageHub  # noqa: E402
-
 from tests.helpers import DEVICE, HAS_CUDA, REL_TOL, assert_rel_close, rel_error  # noqa: E402
-from xtuner_patch.patch import KernelSwitches  # noqa: E402
-from xtuner_patch.dispatch import make_dispatch_modules  # noqa: E402
-
-ATTN_IMPLEMENTATIONS = ["eager", "sdpa", "flash_attention_2"]
-
-
-def _load(checkpoint, attn_implementation="eager", dtype=torch.float32):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=True)
-    config.attn_implementation = attn_implementation
-    # Built from the config (not from_pretrained) so that the flash-attention-2 class
-    # can be instantiated without flash-attn; weights copied from the checkpoint.
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
-    reference = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True)
-    model.load_state_dict(reference.state_dict())
-    return model.to(device=DEVICE, dtype=dtype)
-
-
-def _dispatch(model, use_varlen_attn=True, **switches):
-    stock = lambda model, use_varlen_attn=False: None  # noqa: E731  (XTuner's no-op on CPU)
-    make_dispatch_modules(stock, KernelSwitches(**switches))(model, use_varlen_attn)
-    return model
-
-
-def _packed_batch(gen, lengths, vocab):
-    total = sum(lengths)
-    input_ids = torch.randint(3, vocab, (1, total), generator=gen, device=DEVICE)
-    labels = input_ids.clone()
-    labels[0, :: 7] = -100
-    position_ids = torch.cat([torch.arange(n, device=DEVICE) for n in lengths]).unsqueeze(0)
-    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
-    return input_ids, labels, position_ids, cu
-
-
-@pytest.fixture
-def varlen_args():
-    hub = MessageHub.get_instance("varlen_attn_args")
-
-    def put(cu, max_seqlen):
-        hub.update_info("cumulative_len_rank_0", cu)
-        hub.update_info("max_seqlen_rank_0", max_seqlen)
-
-    yield put
-    put(None, None)
-
-
-def _reference_per_sample(model64, input_ids, lengths):
-    """Logits of every packed sample run on its own through the float64 stock model."""
-    pieces, start = [], 0
-    for n in lengths:
-        ids = input_ids[:, start:start + n]
-        pieces.append(model64(ids, position_ids=torch.arange(n, device=DEVICE)[None]).logits)
-        start += n
-    return torch.cat(pieces, 1)
-
-
-def _shifted_loss(logits, labels):
-    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:],
-                                             ignore_index=-100)
+from tests.models import (ATTN_IMPLEMENTATIONS, dispatch, load_model, packed_batch,  # noqa: E402
+                          reference_per_sample, shifted_loss, with_lora)
 
 
 @pytest.mark.parametrize("attn_implementation", ATTN_IMPLEMENTATIONS)
 def test_packed_forward_backward_matches_float64_reference(
         tiny_checkpoint, gen, varlen_args, attn_implementation):
-    model = _dispatch(_load(tiny_checkpoint, attn_implementation))
-    model64 = _load(tiny_checkpoint, "eager", torch.float64)
+    model = dispatch(load_model(tiny_checkpoint, attn_implementation))
+    model64 = load_model(tiny_checkpoint, "eager", torch.float64)
     lengths = [17, 1, 40, 6, 32]
-    input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, model.config.vocab_size)
+    input_ids, labels, position_ids, cu = packed_batch(gen, lengths, model.config.vocab_size)
     varlen_args(cu, max(lengths))
 
     logits = model(input_ids, position_ids=position_ids).logits
     out = model(input_ids, position_ids=position_ids, labels=labels)
     assert out.logits is None  # training with labels: the fused loss, no logits
     out.loss.backward()
-    ref_logits = _reference_per_sample(model64, input_ids, lengths)
-    ref_loss = _shifted_loss(ref_logits, labels)
+    ref_logits = reference_per_sample(model64, input_ids, lengths)
+    ref_loss = shifted_loss(ref_logits, labels)
     ref_loss.backward()
 
     # A whole model in fp32 against float64: the per-op tolerance, 20x for depth.
@@ -117,10 +57,10 @@ def test_packing_is_read_once_per_step(tiny_checkpoint, gen, varlen_args, valida
     """Reading the packing on the host is a device sync: every layer of a step shares
     XTuner's ``cumulative_len``, so the forward and backward of all layers read it once."""
     calls = validations
-    model = _dispatch(_load(tiny_checkpoint))
+    model = dispatch(load_model(tiny_checkpoint))
     assert model.config.num_hidden_layers > 1
     lengths = [20, 9, 25]
-    input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, model.config.vocab_size)
+    input_ids, labels, position_ids, cu = packed_batch(gen, lengths, model.config.vocab_size)
     # Two tokens of padding after the packed samples: the patch closes cu_seqlens at 56,
     # a new tensor, which must still be one tensor for all layers.
     input_ids = torch.nn.functional.pad(input_ids, (0, 2), value=0)
@@ -133,10 +73,10 @@ def test_packing_is_read_once_per_step(tiny_checkpoint, gen, varlen_args, valida
 
 def test_switches_off_match_too(tiny_checkpoint, gen, varlen_args):
     lengths = [30, 34]
-    full = _dispatch(_load(tiny_checkpoint))
-    partial = _dispatch(_load(tiny_checkpoint), rope=False, rms_norm=False,
+    full = dispatch(load_model(tiny_checkpoint))
+    partial = dispatch(load_model(tiny_checkpoint), rope=False, rms_norm=False,
                         fused_residual=False, swiglu=False, cross_entropy=False)
-    input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, full.config.vocab_size)
+    input_ids, labels, position_ids, cu = packed_batch(gen, lengths, full.config.vocab_size)
     varlen_args(cu, max(lengths))
     a = full(input_ids, position_ids=position_ids).logits
     b = partial(input_ids, position_ids=position_ids).logits
@@ -157,7 +97,7 @@ def test_switches_off_match_too(tiny_checkpoint, gen, varlen_args):
 
 def test_fused_loss_only_when_training_with_labels(tiny_checkpoint, gen):
     """Eval mode or no labels: logits as usual; training with labels: loss, logits=None."""
-    model = _dispatch(_load(tiny_checkpoint), use_varlen_attn=False)
+    model = dispatch(load_model(tiny_checkpoint), use_varlen_attn=False)
     vocab = model.config.vocab_size
     input_ids = torch.randint(3, vocab, (2, 20), generator=gen, device=DEVICE)
     labels = input_ids.clone()
@@ -187,7 +127,7 @@ def test_fused_loss_only_when_training_with_labels(tiny_checkpoint, gen):
 def test_labels_shifted_are_not_shifted_again(tiny_checkpoint, gen, cross_entropy):
     from xtuner_patch.internlm2 import set_labels_shifted
 
-    model = _dispatch(_load(tiny_checkpoint), use_varlen_attn=False,
+    model = dispatch(load_model(tiny_checkpoint), use_varlen_attn=False,
                       cross_entropy=cross_entropy)
     set_labels_shifted(model)
     vocab = model.config.vocab_size
@@ -212,32 +152,16 @@ def test_models_computing_loss_from_logits_keep_the_logits(tiny_checkpoint):
 
     class LossOnly(SupervisedFinetune):
         def build(self, model):
-            return _dispatch(model)
+            return dispatch(model)
 
     class ReadsLogits(LossOnly):
         def compute_loss(self, data, data_samples=None):
             return {"loss": self.llm(**data).logits.mean()}
 
     for owner, fused in ((LossOnly, True), (ReadsLogits, False)):
-        model = owner.__new__(owner).build(_load(tiny_checkpoint))
+        model = owner.__new__(owner).build(load_model(tiny_checkpoint))
         assert ("forward" in model.__dict__) is fused
         assert "forward" in model.model.layers[0].feed_forward.__dict__
-
-
-def _with_lora(model, gen, **config):
-    """``model`` as XTuner's LoRA configs wrap it (every linear layer, the head
-    ``output`` included: xtuner's ``find_all_linear_names``), adapters non-zero."""
-    from peft import LoraConfig, get_peft_model
-    from xtuner.model.utils import find_all_linear_names
-
-    config = dict(dict(r=4, lora_alpha=8, lora_dropout=0.0), **config)
-    model = get_peft_model(model, LoraConfig(target_modules=find_all_linear_names(model),
-                                             task_type="CAUSAL_LM", **config))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:  # PEFT starts them at zero: no adapter to test
-                param.copy_(torch.randn(param.shape, generator=gen, device=DEVICE) * 0.1)
-    return model
 
 
 def _lora_loss_and_grads(model, input_ids, labels):
@@ -257,11 +181,11 @@ def test_lora_on_the_head_keeps_the_fused_loss(tiny_checkpoint, gen, varlen_args
 
     monkeypatch.setattr(ops, "_warned", set())
     lengths = [17, 30, 9]
-    model = _with_lora(_dispatch(_load(tiny_checkpoint), use_varlen_attn=varlen), gen)
-    stock = _with_lora(_load(tiny_checkpoint), gen)
+    model = with_lora(dispatch(load_model(tiny_checkpoint), use_varlen_attn=varlen), gen)
+    stock = with_lora(load_model(tiny_checkpoint), gen)
     stock.load_state_dict(model.state_dict())
     assert isinstance(model.base_model.model.output, LoraLinear)
-    input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, model.config.vocab_size)
+    input_ids, labels, position_ids, cu = packed_batch(gen, lengths, model.config.vocab_size)
     if not varlen:  # one sequence per row, three rows
         input_ids, labels = input_ids.view(1, -1)[:, :54].view(3, 18), labels[:, :54].view(3, 18)
     varlen_args(cu, max(lengths))
@@ -270,7 +194,7 @@ def test_lora_on_the_head_keeps_the_fused_loss(tiny_checkpoint, gen, varlen_args
     assert out.logits is None and "computed from its logits" not in caplog.text
     varlen_args(None, None)
     if varlen:
-        ref = _shifted_loss(_reference_per_sample(stock, input_ids, lengths), labels)
+        ref = shifted_loss(reference_per_sample(stock, input_ids, lengths), labels)
         ref.backward()
         ref_grads = {n: p.grad for n, p in stock.named_parameters() if p.requires_grad}
     else:
@@ -287,7 +211,7 @@ def test_lora_head_loss_draws_the_adapter_dropout_as_peft_does(tiny_checkpoint, 
     forward of it, on the same random draws."""
     from xtuner_patch.internlm2 import _fused_head_loss
 
-    model = _with_lora(_dispatch(_load(tiny_checkpoint)), gen, lora_dropout=0.5)
+    model = with_lora(dispatch(load_model(tiny_checkpoint)), gen, lora_dropout=0.5)
     head = model.base_model.model.output
     hidden = torch.randn(2, 9, model.config.hidden_size, generator=gen, device=DEVICE,
                          requires_grad=True)
@@ -314,9 +238,9 @@ def test_lora_variants_on_the_head_take_the_logits_with_one_warning(tiny_checkpo
     from xtuner_patch import ops
 
     monkeypatch.setattr(ops, "_warned", set())
-    model = _with_lora(_dispatch(_load(tiny_checkpoint), use_varlen_attn=False), gen,
+    model = with_lora(dispatch(load_model(tiny_checkpoint), use_varlen_attn=False), gen,
                        use_dora=True)
-    stock = _with_lora(_load(tiny_checkpoint), gen, use_dora=True)
+    stock = with_lora(load_model(tiny_checkpoint), gen, use_dora=True)
     stock.load_state_dict(model.state_dict())
     input_ids = torch.randint(3, model.config.vocab_size, (2, 16), generator=gen,
                               device=DEVICE)
@@ -329,8 +253,8 @@ def test_lora_variants_on_the_head_take_the_logits_with_one_warning(tiny_checkpo
 
 def test_unpacked_batch_with_padding_matches_stock(tiny_checkpoint, gen):
     """Without varlen arguments: each row is causal, padding removed before attention."""
-    model = _dispatch(_load(tiny_checkpoint), use_varlen_attn=False)
-    stock = _load(tiny_checkpoint)
+    model = dispatch(load_model(tiny_checkpoint), use_varlen_attn=False)
+    stock = load_model(tiny_checkpoint)
     vocab = model.config.vocab_size
     input_ids = torch.randint(3, vocab, (2, 24), generator=gen, device=DEVICE)
     mask = torch.ones(2, 24, dtype=torch.long, device=DEVICE)
@@ -345,7 +269,7 @@ def test_unpacked_batch_with_padding_matches_stock(tiny_checkpoint, gen):
 
 def test_padding_mask_is_read_once_per_forward(tiny_checkpoint, gen, validations):
     """Without varlen arguments the layers share the model's attention mask instead."""
-    model = _dispatch(_load(tiny_checkpoint), use_varlen_attn=False)
+    model = dispatch(load_model(tiny_checkpoint), use_varlen_attn=False)
     input_ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=gen, device=DEVICE)
     mask = torch.ones(2, 24, dtype=torch.long, device=DEVICE)
     mask[1, 15:] = 0
@@ -356,15 +280,15 @@ def test_padding_mask_is_read_once_per_forward(tiny_checkpoint, gen, validations
 
 
 def test_greedy_generate_gives_stock_tokens(tiny_checkpoint, gen):
-    model = _dispatch(_load(tiny_checkpoint), use_varlen_attn=True)
-    stock = _load(tiny_checkpoint)
+    model = dispatch(load_model(tiny_checkpoint), use_varlen_attn=True)
+    stock = load_model(tiny_checkpoint)
     prompt = torch.randint(3, model.config.vocab_size, (1, 12), generator=gen, device=DEVICE)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(prompt, **kwargs), stock.generate(prompt, **kwargs))
 
 
 def test_dispatch_replaces_every_internlm2_module(tiny_checkpoint):
-    model = _dispatch(_load(tiny_checkpoint))
+    model = dispatch(load_model(tiny_checkpoint))
     layers = model.config.num_hidden_layers
     patched = [type(m).__name__ for m in model.modules()
                if "forward" in m.__dict__ and m.forward.__func__.__module__ == "xtuner_patch.internlm2"]
@@ -376,11 +300,11 @@ def test_dispatch_replaces_every_internlm2_module(tiny_checkpoint):
 
 
 def test_unsupported_head_dim_keeps_xtuner_forward(tiny_checkpoint, caplog):
-    model = _load(tiny_checkpoint)
+    model = load_model(tiny_checkpoint)
     attention = model.model.layers[0].attention
     attention.head_dim = 48  # as a model with head_dim 48 would have
     with caplog.at_level("WARNING", logger="xtuner_patch"):
-        _dispatch(model)
+        dispatch(model)
     assert "forward" not in attention.__dict__
     assert "head_dim 48" in caplog.text
 
@@ -388,35 +312,35 @@ def test_unsupported_head_dim_keeps_xtuner_forward(tiny_checkpoint, caplog):
 def test_half_precision_model_matches_float64_reference(tiny_checkpoint, gen, varlen_args):
     """A model cast as a whole (buffers too, as DeepSpeed's bf16 engine does) still runs:
     the rotary ``inv_freq`` buffer is half precision then (found on the H100 in bf16)."""
-    model = _dispatch(_load(tiny_checkpoint, dtype=torch.float16))
+    model = dispatch(load_model(tiny_checkpoint, dtype=torch.float16))
     assert model.model.layers[0].attention.rotary_emb.inv_freq.dtype == torch.float16
-    model64 = _load(tiny_checkpoint, "eager", torch.float64)
+    model64 = load_model(tiny_checkpoint, "eager", torch.float64)
     lengths = [20, 1, 43]
-    input_ids, _, position_ids, cu = _packed_batch(gen, lengths, model.config.vocab_size)
+    input_ids, _, position_ids, cu = packed_batch(gen, lengths, model.config.vocab_size)
     varlen_args(cu, max(lengths))
     logits = model(input_ids, position_ids=position_ids).logits
-    ref = _reference_per_sample(model64, input_ids, lengths)
+    ref = reference_per_sample(model64, input_ids, lengths)
     assert_rel_close(logits, ref, torch.float16, factor=20, name="logits")
 
 
 @pytest.mark.gpu
 def test_packed_bf16_on_gpu_matches_float64(tiny_checkpoint, gen, varlen_args):
-    model = _dispatch(_load(tiny_checkpoint, dtype=torch.bfloat16))
-    stock = _load(tiny_checkpoint, dtype=torch.bfloat16)
-    model64 = _load(tiny_checkpoint, "eager", torch.float64)
+    model = dispatch(load_model(tiny_checkpoint, dtype=torch.bfloat16))
+    stock = load_model(tiny_checkpoint, dtype=torch.bfloat16)
+    model64 = load_model(tiny_checkpoint, "eager", torch.float64)
     lengths = [300, 1, 700, 23]
-    input_ids, labels, position_ids, cu = _packed_batch(gen, lengths, model.config.vocab_size)
+    input_ids, labels, position_ids, cu = packed_batch(gen, lengths, model.config.vocab_size)
     varlen_args(cu, max(lengths))
     ours = model(input_ids, position_ids=position_ids).logits
-    ref = _reference_per_sample(model64, input_ids, lengths)
-    stock_logits = _reference_per_sample(stock, input_ids, lengths)
+    ref = reference_per_sample(model64, input_ids, lengths)
+    stock_logits = reference_per_sample(stock, input_ids, lengths)
     stock_err = rel_error(stock_logits, ref)
     err = rel_error(ours, ref)
     # No worse than XTuner's stock bf16 model run sample by sample.
     assert err <= max(1.5 * stock_err, REL_TOL[torch.bfloat16]), (err, stock_err)
-    ref_loss = _shifted_loss(ref, labels).item()
+    ref_loss = shifted_loss(ref, labels).item()
     loss_err = abs(model(input_ids, position_ids=position_ids, labels=labels).loss.item()
                    - ref_loss)
-    stock_loss_err = abs(_shifted_loss(stock_logits, labels).item() - ref_loss)
+    stock_loss_err = abs(shifted_loss(stock_logits, labels).item() - ref_loss)
     assert loss_err <= max(1.5 * stock_loss_err, 1e-2 * ref_loss), (loss_err, stock_loss_err)
     assert HAS_CUDA

@@ -94,6 +94,43 @@ def test_patched_kernels_match_stock_xtuner_per_step(tmp_path, tiny_checkpoint, 
     assert patched == pytest.approx(stock, rel=2e-4)
 
 
+def _amp(dtype: str):
+    """Config replacements: mmengine's AmpOptimWrapper (fp32 weights, ``dtype`` autocast,
+    a dynamic loss scale), in its CPU form (:mod:`tests.cpu_amp`)."""
+    return [("from xtuner_patch.model import SupervisedFinetune",
+             "from xtuner_patch.model import SupervisedFinetune\n"
+             "from tests.cpu_amp import CpuAmpOptimWrapper"),
+            ("    type=OptimWrapper,\n",
+             f"    type=CpuAmpOptimWrapper,\n    dtype='{dtype}',\n    loss_scale='dynamic',\n")]
+
+
+def test_fp16_amp_training_matches_stock_xtuner_per_step(tmp_path, tiny_checkpoint,
+                                                         sample_ftdp):
+    """mmengine's fp16 AMP, as XTuner's configs set it up (no ``dtype``: fp16 on a GPU):
+    the patched model (Triton kernels, fp16 under the interpreter) and XTuner's stock
+    model in the same autocast, with the same dynamic loss scale."""
+    config = _config_variant(tmp_path, "amp_fp16.py", NO_VARLEN + _amp("float16"))
+    stock, patched, _ = _stock_and_patched_losses(tmp_path, tiny_checkpoint,
+                                                  sample_ftdp["root"], config)
+    assert patched == pytest.approx(stock, rel=5e-4)
+
+
+def test_varlen_bf16_amp_training_tracks_fp32(tmp_path, tiny_checkpoint, sample_ftdp):
+    """The run that failed on the H200 (varlen packing, mmengine's AMP in bf16 over fp32
+    weights: a TypeError in the first step) trains, step for step within bf16's
+    precision of the same training in fp32."""
+    runs = {}
+    for name, replacements in (("fp32", []), ("bf16", _amp("bfloat16"))):
+        work = tmp_path / name
+        work.mkdir()
+        config = _config_variant(tmp_path, f"{name}.py", replacements)
+        runs[name] = _losses(train(str(work), tiny_checkpoint, sample_ftdp["root"],
+                                   config=config, max_iters=4))
+    (fp32, _), (bf16, log) = runs["fp32"], runs["bf16"]
+    assert PATCH_LINE in log and "varlen" in log
+    assert bf16 == pytest.approx(fp32, rel=5e-3)
+
+
 def _lora(dropout: float):
     """Config replacements: XTuner's LoRA (every linear layer, the head ``output`` too)."""
     return [("from transformers import AutoModelForCausalLM",
