@@ -299,8 +299,12 @@ def _forward(inputs, weights, targets, ignore_index, scale, chunk_size, need_dx,
             if dw is not None and not recompute:
                 weight_grad_into(dw, logits.t(), x[rows])
     if any(need_dw) and recompute:
-        # The buffer, seen as [n_rows, slice]: every token's logits of a vocabulary slice.
+        # The buffer, seen as [n_rows, slice]: every token's logits of a vocabulary slice,
+        # a multiple of 16 columns where it can be: the row kernel is specialised on its
+        # width and row stride, which must not change divisibility with the token count.
         vocab_slice = max(1, buffer.numel() // n_rows)
+        if vocab_slice > 16:
+            vocab_slice -= vocab_slice % 16
         for v in range(0, vocab, vocab_slice):
             cols = slice(v, min(v + vocab_slice, vocab))
             logits = buffer[:n_rows * (cols.stop - v)].view(n_rows, cols.stop - v)

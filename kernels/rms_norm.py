@@ -40,7 +40,9 @@ MAX_FUSED_HIDDEN = 65536
 _BWD_PROGRAMS_PER_SM = 4
 
 
-@triton.jit
+# Row counts follow the data (padded batches): not specialised on, so that a new count
+# divisible by 16 does not compile the kernels again in the middle of training.
+@triton.jit(do_not_specialize=["n_rows"])
 def _rms_norm_fwd_kernel(
     X, R, W, Y, S, RSTD,
     n_rows, n_cols,
@@ -75,7 +77,7 @@ def _rms_norm_fwd_kernel(
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def _rms_norm_bwd_kernel(
     DY, DS, X, W, RSTD, DX, DW_PARTIAL,
     n_rows, n_cols, rows_per_program,

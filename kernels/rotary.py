@@ -87,7 +87,12 @@ def _rotate_heads(IN, OUT, in_tok, out_tok, n_outer, n_inner,
         tl.store(dst + cols_b[None, None, :], b, mask=mask)
 
 
-@triton.jit
+# What follows the data (token counts, the packing: sequences, search steps, a rank's
+# offset; position strides of a batch) is not specialised on, so that a new packing does
+# not compile the kernel again in the middle of training.  Tensor strides stay
+# specialised: they are multiples of the head size, whose divisibility does not change.
+@triton.jit(do_not_specialize=["n_tokens", "seqlen", "pos_stride_b", "pos_stride_s", "n_seqs",
+                               "search_steps", "position_offset"])
 def _rotary_kernel(
     Q, Q_OUT, K, K_OUT, V, V_OUT,
     POS, CU_SEQLENS, INV_FREQ, COS, SIN,

@@ -187,7 +187,8 @@ def _slot_ptrs(BUF, PLACE, tok, col, n_tokens, head_dim):
     return BUF + (start * n_tokens + tok[:, None] * width + slot) * head_dim + col[None, :]
 
 
-@triton.jit
+# The token count follows the data: not specialised on (see kernels.rms_norm).
+@triton.jit(do_not_specialize=["n_tokens"])
 def _heads_kernel(Q, K, V, BUF, TABLE, n_tokens, head_dim,
                   sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
                   ROW: tl.constexpr, SLOTS: tl.constexpr, TO_BUFFER: tl.constexpr,

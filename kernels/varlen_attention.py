@@ -83,10 +83,14 @@ _DKDV_CONFIGS = _configs([(32, 64, 8, 3), (32, 128, 8, 3), (32, 128, 8, 2), (16,
                          (32, 32))
 _DQ_CONFIGS = _configs([(64, 32, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
                        (32, 32))
-# Tuned once per head size, mask and length bucket (the bit length of the longest
-# sequence, passed as ``len_bucket`` and otherwise unused, so not specialised on):
-# packings of short samples and rows of one long sample may prefer different tiles.
-_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "len_bucket"]
+# Tuned once per head size, mask and dtype (Triton adds the dtypes), on the first call,
+# and kept on disk (Triton's cache folder) for later processes and the other ranks:
+# a key that changed with the packing (the longest sample's bit length, until
+# 2026-12) re-tuned in the middle of training, stalling steps 3 and 8 of a 20-step
+# H200 run.  Token counts vary with the data and are not specialised on, for the same
+# reason (a new value divisible by 16 would compile the kernel again).
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL"]
+_DATA_SIZES = ["total_q"]
 
 
 @triton.jit
@@ -208,10 +212,10 @@ def _fwd_rows(O, LSE, q_base, o_base, k_base, v_base, head, m0, q_start, q_len, 
     tl.store(lse_ptrs, lse, mask=rows_ok)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)
-@triton.jit(do_not_specialize=["len_bucket"])
+@triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY, cache_results=True)
+@triton.jit(do_not_specialize=_DATA_SIZES)
 def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, WORK,
-                n_heads, group, total_q, len_bucket, qk_scale,
+                n_heads, group, total_q, qk_scale,
                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                 UPCAST: tl.constexpr, UNIT: tl.constexpr,
@@ -236,7 +240,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, WORK,
 
 
 # -------------------------------------------------------------------------- backward
-@triton.jit
+@triton.jit(do_not_specialize=_DATA_SIZES)
 def _delta_kernel(O, DO, DELTA, total_q, so_t, so_h, sdo_t, sdo_h,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -326,10 +330,10 @@ def _dkdv_cols(Q, DO, LSE, DELTA, DK, DV, k_base, v_base, dk_base, dv_base, n0,
              mask=store_mask)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY)
-@triton.jit(do_not_specialize=["len_bucket"])
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNE_KEY, cache_results=True)
+@triton.jit(do_not_specialize=_DATA_SIZES)
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, WORK,
-                 n_kv_heads, group, total_q, len_bucket, qk_scale, sm_scale,
+                 n_kv_heads, group, total_q, qk_scale, sm_scale,
                  sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                  UPCAST: tl.constexpr, UNIT: tl.constexpr,
@@ -404,10 +408,10 @@ def _dq_rows(DQ, q_base, do_base, dq_base, lse_base, delta_base, k_base, v_base,
              mask=rows_ok[:, None] & d_ok[None, :])
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)
-@triton.jit(do_not_specialize=["len_bucket"])
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY, cache_results=True)
+@triton.jit(do_not_specialize=_DATA_SIZES)
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, WORK,
-               n_heads, group, total_q, len_bucket, qk_scale, sm_scale,
+               n_heads, group, total_q, qk_scale, sm_scale,
                sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t, sdq_h,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                UPCAST: tl.constexpr, UNIT: tl.constexpr,
@@ -464,8 +468,8 @@ def _work_list(rows: torch.Tensor, other: torch.Tensor, causal: bool, rows_are_q
 class _Plan:
     """What the launchers need from one ``(cu_seqlens_q, cu_seqlens_k)`` pair.
 
-    Holds the validated per-sequence lengths (host int64) and the autotuning bucket of
-    the longest, the two cu_seqlens on the device of q, and the work lists, built on
+    Holds the validated per-sequence lengths (host int64) and the longest of each, the
+    two cu_seqlens on the device of q, and the work lists, built on
     first use for each ``causal`` and each of the two row kinds (query units for the
     forward and dQ, key units for dK/dV).
     """
@@ -474,7 +478,6 @@ class _Plan:
         self.lens_q, self.lens_k = lens_q, lens_k
         self.longest_q = int(lens_q.max()) if lens_q.numel() else 0
         self.longest_k = int(lens_k.max()) if lens_k.numel() else 0
-        self.len_bucket = max(self.longest_q, self.longest_k).bit_length()
         self.cu_q, self.cu_k = cu_q, cu_k
         self._work = {}
 
@@ -517,7 +520,7 @@ def _block_d(head_dim: int) -> int:
     return triton.next_power_of_2(head_dim)
 
 
-def _forward(q, k, v, cu_q, cu_k, q_work, scale, causal, len_bucket):
+def _forward(q, k, v, cu_q, cu_k, q_work, scale, causal):
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty((total_q, hq, d), dtype=q.dtype, device=q.device)
@@ -526,15 +529,14 @@ def _forward(q, k, v, cu_q, cu_k, q_work, scale, causal, len_bucket):
     if n_items:
         _fwd_kernel[(n_items * hq,)](
             q, k, v, out, lse, cu_q, cu_k, q_work,
-            hq, hq // hkv, total_q, len_bucket, scale * _QK_LOG2E,
+            hq, hq // hkv, total_q, scale * _QK_LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=causal, UPCAST=_upcast(q), UNIT=_UNIT)
     return out, lse
 
 
-def _backward(dout, q, k, v, out, lse, cu_q, cu_k, q_work, kv_work, scale, causal,
-              len_bucket):
+def _backward(dout, q, k, v, out, lse, cu_q, cu_k, q_work, kv_work, scale, causal):
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -561,7 +563,7 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, q_work, kv_work, scale, causa
     if n_kv_items:
         _dkdv_kernel[(n_kv_items * hkv,)](
             q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, kv_work,
-            hkv, group, total_q, len_bucket, scale * _QK_LOG2E, scale,
+            hkv, group, total_q, scale * _QK_LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1),
             dv.stride(0), dv.stride(1),
@@ -570,7 +572,7 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, q_work, kv_work, scale, causa
     if n_q_items:
         _dq_kernel[(n_q_items * hq,)](
             q, k, v, dout, lse, delta, dq, cu_q, cu_k, q_work,
-            hq, group, total_q, len_bucket, scale * _QK_LOG2E, scale,
+            hq, group, total_q, scale * _QK_LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
             HEAD_DIM=d, BLOCK_D=block_d, CAUSAL=causal, UPCAST=upcast, UNIT=_UNIT)
@@ -586,8 +588,7 @@ class _VarlenAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, causal):
         q_work = plan.query_work(causal)
-        out, lse = _forward(q, k, v, plan.cu_q, plan.cu_k, q_work, scale, causal,
-                            plan.len_bucket)
+        out, lse = _forward(q, k, v, plan.cu_q, plan.cu_k, q_work, scale, causal)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         ctx.scale = scale
@@ -601,7 +602,7 @@ class _VarlenAttnFunction(torch.autograd.Function):
         plan, causal = ctx.plan, ctx.causal
         dq, dk, dv = _backward(dout, q, k, v, out, lse, plan.cu_q, plan.cu_k,
                                plan.query_work(causal), plan.key_work(causal), ctx.scale,
-                               causal, plan.len_bucket)
+                               causal)
         return dq, dk, dv, None, None, None
 
 
