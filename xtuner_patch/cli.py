@@ -1,10 +1,25 @@
-"""The ``xtuner-patch`` command line."""
+"""The ``xtuner-patch`` command line.
+
+Exit status (every command but ``train``, which returns the training's): 0 when done; 2 for bad
+input, reported as one ``error: <message>`` line on stderr; 130 after SIGINT and 143 after
+SIGTERM, reported as one ``interrupted`` line that says what became of the output folder.
+Commands that write a folder write it atomically (xtuner_patch/atomic.py): complete or not at
+all, an existing one replaced only with --overwrite.
+"""
 
 import argparse
 import json
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from .errors import UserError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so that cleanups (``finally``, atomic output folders) run as
+    they do for Ctrl-C."""
 
 
 def _make_tiny_model(args) -> int:
@@ -41,8 +56,16 @@ def _convert(args) -> int:
     return run(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    # Argument errors as the one-line UserError every other bad input gets (argparse prints
+    # usage and exits); subcommand parsers inherit this class.
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xtuner-patch", description=__doc__)
+    parser = _Parser(prog="xtuner-patch", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
@@ -75,6 +98,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _sigterm_raises():
+    # Only over the default action (death): a handler or SIG_IGN someone set is theirs.
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
@@ -82,14 +123,20 @@ def main(argv=None) -> int:
         from .launch import launch
 
         return launch(argv[1:])
-    args = build_parser().parse_args(argv)
     handlers = {"make-tiny-model": _make_tiny_model, "make-sample-data": _make_sample_data,
                 "data": _data, "convert": _convert}
-    try:
-        return handlers[args.command](args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with _sigterm_raises():
+        try:
+            args = build_parser().parse_args(argv)
+            return handlers[args.command](args)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:
+            # The note of an atomic output folder says what became of it.
+            notes = "; ".join(getattr(exc, "__notes__", ()))
+            print("interrupted" + (f": {notes}" if notes else ""), file=sys.stderr)
+            return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":
