@@ -14,7 +14,7 @@ import sys
 import threading
 from contextlib import contextmanager
 
-from .errors import UserError
+from .errors import UserError, check_positive, check_range
 
 
 class Terminated(KeyboardInterrupt):
@@ -23,10 +23,12 @@ class Terminated(KeyboardInterrupt):
 
 
 def _make_tiny_model(args) -> int:
-    from .fixtures import build_internlm2_checkpoint
+    from .fixtures.model import MAX_SEED, build_internlm2_checkpoint
 
+    check_range("--seed", args.seed, 0, MAX_SEED)
     overrides = {}
     if args.layers is not None:
+        check_positive("--layers", args.layers)
         overrides["num_hidden_layers"] = args.layers
     path = build_internlm2_checkpoint(args.path, args.preset, seed=args.seed,
                                       dtype=args.dtype, overwrite=args.overwrite, **overrides)
@@ -39,7 +41,8 @@ def _make_sample_data(args) -> int:
 
     spec = SampleDataSpec(seed=args.seed, vocab_size=args.vocab_size,
                           long_sample_length=args.long_sample_length)
-    summary = write_sample_ftdp_dataset(args.path, spec)
+    spec.check(lambda field: "--" + field.replace("_", "-"))
+    summary = write_sample_ftdp_dataset(args.path, spec, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in summary.items() if k != "files"}))
     return 0
 
@@ -64,6 +67,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .fixtures.model import MODEL_PRESETS
+
     parser = _Parser(prog="xtuner-patch", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("make-tiny-model", help="write an InternLM2 checkpoint directory")
     model.add_argument("path")
-    model.add_argument("--preset", default="tiny", help="tiny, 1_8b or 7b")
+    model.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
     model.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     model.add_argument("--seed", type=int, default=0)
     model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    model.add_argument("--overwrite", action="store_true")
+    model.add_argument("--overwrite", action="store_true",
+                       help="replace what PATH holds, keeping files that are no part of a "
+                            "checkpoint (one made with the same arguments is reused anyway)")
 
     data = sub.add_parser("make-sample-data", help="write a sample ftdp dataset (cn/ and en/)")
     data.add_argument("path")
@@ -87,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--vocab-size", type=int, default=2048)
     data.add_argument("--long-sample-length", type=int, default=3000,
                       help="length of the samples meant to exceed a pack")
+    data.add_argument("--overwrite", action="store_true",
+                      help="replace the cn/ and en/ folders of a non-empty PATH, keeping "
+                           "its other files")
 
     from .dataset.cli import add_subcommands as add_data_subcommands
 
