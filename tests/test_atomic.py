@@ -209,3 +209,14 @@ def test_a_folder_set_aside_by_a_killed_swap_is_put_back(tmp_path):
             pytest.fail("the writer ran")
     assert snapshot(tmp_path / "out") == expected
     assert os.listdir(tmp_path) == ["out"]
+
+
+def test_a_destination_filled_meanwhile_is_not_replaced_without_overwrite(tmp_path):
+    dst = tmp_path / "out"
+    with pytest.raises(UserError, match="filled by another process") as info:
+        with atomic_output_dir(str(dst), overwrite=False, owned=OWNED) as tmp:
+            write(tmp, {"weights-0.bin": b"new"})
+            write(dst, {"weights-0.bin": b"theirs"})
+    assert info.value.__notes__ == [f"{dst} left unchanged"]
+    assert snapshot(dst) == {"weights-0.bin": b"theirs"}
+    assert siblings(dst) == []

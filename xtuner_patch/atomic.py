@@ -83,7 +83,10 @@ def atomic_output_dir(dst: str, *, overwrite: bool, owned: Sequence[str]) -> Ite
         if replacing:
             _carry_over(target, tmp, owned)
         with _signals_held():
-            _swap_in(tmp, target)
+            if replacing:
+                _swap_in(tmp, target)
+            else:
+                _rename_into_place(dst, tmp, target)
             swapped = True
     except BaseException as exc:
         if not swapped:
@@ -95,15 +98,20 @@ def atomic_output_dir(dst: str, *, overwrite: bool, owned: Sequence[str]) -> Ite
         raise
 
 
-def _swap_in(tmp: str, target: str) -> None:
-    """Give ``tmp`` the name ``target``: all of it or, raising, nothing; the folder it
-    replaces is then deleted."""
+def _rename_into_place(dst: str, tmp: str, target: str) -> None:
+    """Give ``tmp`` the name ``target``, which is absent or an empty folder."""
     try:
-        os.rename(tmp, target)  # no target, or an empty folder: replaced in one step
-        return
+        os.rename(tmp, target)
     except OSError as exc:
         if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
+        raise UserError(f"{dst}: was filled by another process while this one wrote it "
+                        "(pass --overwrite to replace it)") from exc
+
+
+def _swap_in(tmp: str, target: str) -> None:
+    """Give ``tmp`` the name ``target``, a non-empty folder: all of it or, raising, nothing;
+    the folder it replaces is then deleted."""
     if _exchange(tmp, target):
         shutil.rmtree(tmp, ignore_errors=True)  # the old content, under the temporary name
         return
