@@ -23,7 +23,7 @@ pytest.importorskip("xtuner._lite.modelings.internlm2", reason="needs xtuner's I
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from tests.test_atomic import siblings, snapshot  # noqa: E402
+from tests.outputs import siblings, snapshot  # noqa: E402
 from tests.xtuner_run import REPO, iteration_metrics, train  # noqa: E402
 from xtuner_patch.cli import main  # noqa: E402
 from xtuner_patch.convert.internevo import (ConversionError, hf_to_internevo,  # noqa: E402

@@ -6,10 +6,9 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from safetensors.torch import load_file
 
-from tests.test_atomic import siblings, snapshot
+from tests.outputs import siblings, snapshot
 from xtuner_patch.cli import main
 from xtuner_patch.errors import UserError
 from xtuner_patch.fixtures import (MODEL_PRESETS, SampleDataSpec, build_internlm2_checkpoint,
