@@ -476,12 +476,12 @@ def test_output_folder_is_not_clobbered(tmp_path, gqa_checkpoint, evo_checkpoint
 
 # ----------------------------------------------------------------------------- atomic output
 def test_a_failed_conversion_leaves_the_output_as_it_was(tmp_path, gqa_checkpoint):
-    # A truncated safetensors file passes the header checks and fails once its data is read,
-    # after the first shards are written.
+    # A truncated safetensors file passes the header checks and fails once its data is read:
+    # here in output.weight, on the last pipeline stage, after stage 0's shards are written.
     src = tmp_path / "truncated"
     shutil.copytree(gqa_checkpoint, src)
     os.truncate(src / "model.safetensors", os.path.getsize(src / "model.safetensors") - 4096)
-    with pytest.raises(ConversionError, match="truncated inside"):
+    with pytest.raises(ConversionError, match="truncated inside 'output.weight'"):
         hf_to_internevo(str(src), str(tmp_path / "evo"), tp=2, pp=2)
     assert sorted(os.listdir(tmp_path)) == ["truncated"]
 
@@ -563,12 +563,17 @@ def test_an_interrupted_conversion_leaves_the_output_as_it_was(tmp_path, slow_ch
     capsys.readouterr()
     before = snapshot(dst) if previous else None
     proc, tmp = _start_and_stop_while_writing(argv, str(dst), tmp_path)
-    # Checked while the conversion is frozen: it has not finished, so the signal lands mid-way.
-    assert os.path.isdir(tmp) and (snapshot(dst) if previous else None) == before, \
-        "the conversion finished before the signal: make slow_checkpoint bigger"
-    proc.send_signal(signum)
-    proc.send_signal(signal.SIGCONT)
-    assert proc.wait(timeout=300) == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
+    try:
+        # Checked while the conversion is frozen: it has not finished, so the signal lands
+        # mid-way.
+        assert os.path.isdir(tmp) and (snapshot(dst) if previous else None) == before, \
+            "the conversion finished before the signal: make slow_checkpoint bigger"
+        proc.send_signal(signum)
+        proc.send_signal(signal.SIGCONT)
+        assert proc.wait(timeout=300) == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
+    finally:
+        proc.kill()  # a no-op once it has exited
+        proc.wait()
     err = (tmp_path / "stderr").read_text()
     assert "Traceback" not in err, err
     assert err.splitlines()[-1] == f"interrupted: {dst} left unchanged", err
