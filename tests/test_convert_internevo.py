@@ -6,13 +6,14 @@ shares nothing with the converter: interleaved q/k rows, split wq/wk/wv, ``model
 prefixes, ParallelGPT2Embeddings' key and InternEvo's pickled ``Config`` object.
 """
 
-import argparse
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -22,10 +23,12 @@ pytest.importorskip("xtuner._lite.modelings.internlm2", reason="needs xtuner's I
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from tests.outputs import siblings, snapshot  # noqa: E402
 from tests.xtuner_run import REPO, iteration_metrics, train  # noqa: E402
-from xtuner_patch.convert import add_subcommands, run  # noqa: E402
+from xtuner_patch.cli import main  # noqa: E402
 from xtuner_patch.convert.internevo import (ConversionError, hf_to_internevo,  # noqa: E402
                                             internevo_to_hf, stage_sizes)
+from xtuner_patch.errors import UserError  # noqa: E402
 from xtuner_patch.fixtures import build_internlm2_checkpoint  # noqa: E402
 
 # 8 heads over 4 kv heads (head_dim 32) so tp 1, 2 and 4 all keep whole kv groups.
@@ -461,24 +464,146 @@ def test_output_folder_is_not_clobbered(tmp_path, gqa_checkpoint, evo_checkpoint
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("keep me")
-    with pytest.raises(ConversionError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         internevo_to_hf(evo_checkpoint, str(busy))
-    with pytest.raises(ConversionError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         hf_to_internevo(gqa_checkpoint, str(busy))
+    assert os.listdir(busy) == ["notes.txt"]
     hf_to_internevo(gqa_checkpoint, str(busy), tp=2, overwrite=True)
     assert (busy / "notes.txt").read_text() == "keep me"
+    assert len(os.listdir(busy)) == 4
+
+
+# ----------------------------------------------------------------------------- atomic output
+def test_a_failed_conversion_leaves_the_output_as_it_was(tmp_path, gqa_checkpoint):
+    # A truncated safetensors file passes the header checks and fails once its data is read:
+    # here in output.weight, on the last pipeline stage, after stage 0's shards are written.
+    src = tmp_path / "truncated"
+    shutil.copytree(gqa_checkpoint, src)
+    os.truncate(src / "model.safetensors", os.path.getsize(src / "model.safetensors") - 4096)
+    with pytest.raises(ConversionError, match="truncated inside 'output.weight'"):
+        hf_to_internevo(str(src), str(tmp_path / "evo"), tp=2, pp=2)
+    assert sorted(os.listdir(tmp_path)) == ["truncated"]
+
+    previous = tmp_path / "previous"
+    hf_to_internevo(gqa_checkpoint, str(previous), tp=2, pp=2)
+    (previous / "notes.txt").write_text("keep me")
+    before = snapshot(previous)
+    with pytest.raises(ConversionError, match="truncated inside"):
+        hf_to_internevo(str(src), str(previous), tp=1, pp=4, overwrite=True)
+    assert snapshot(previous) == before
+    assert siblings(previous) == []
+
+
+@pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory) -> dict:
+    """An HF checkpoint, its InternEvo shards and an earlier (other) conversion of each
+    direction: big enough that converting it writes for well over a second."""
+    root = tmp_path_factory.mktemp("slow")
+    hf = build_internlm2_checkpoint(str(root / "hf"), "tiny", vocab_size=32000,
+                                    intermediate_size=2048, num_hidden_layers=8,
+                                    num_attention_heads=H, num_key_value_heads=KV)
+    hf_to_internevo(hf, str(root / "evo"), tp=2, pp=8)
+    small = build_internlm2_checkpoint(str(root / "small"), "tiny", num_hidden_layers=1)
+    hf_to_internevo(small, str(root / "small_evo"))
+    return {"hf": hf, "evo": str(root / "evo"), "small": small,
+            "small_evo": str(root / "small_evo")}
+
+
+def _start_and_stop_while_writing(argv, dst, logs):
+    """Start ``xtuner-patch ARGV`` and SIGSTOP it as soon as the temporary sibling of ``dst``
+    holds a file; returns the stopped process and that folder."""
+    out, err = open(logs / "stdout", "w"), open(logs / "stderr", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "xtuner_patch.cli", *argv], stdout=out,
+                            stderr=err, env=dict(os.environ, PYTHONPATH=REPO))
+    out.close()
+    err.close()
+    parent, name = os.path.split(dst)
+    deadline = time.monotonic() + 300
+    while True:
+        for entry in os.listdir(parent):
+            if entry.startswith(f".{name}.tmp-"):
+                try:
+                    if os.listdir(os.path.join(parent, entry)):
+                        proc.send_signal(signal.SIGSTOP)
+                        return proc, os.path.join(parent, entry)
+                except FileNotFoundError:
+                    pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"never saw {dst} being written: {(logs / 'stderr').read_text()}")
+        time.sleep(0.002)
+
+
+def _conversion_argv(direction, slow, dst, previous):
+    src = slow["hf"] if direction == "hf2internevo" else slow["evo"]
+    argv = ["convert", direction, src, str(dst)]
+    if direction == "hf2internevo":
+        argv += ["--tp", "2", "--pp", "8"]
+    else:
+        argv += ["--max-shard-size", "4MB"]
+    if previous:
+        other = slow["small"] if direction == "hf2internevo" else slow["small_evo"]
+        main(["convert", direction, other, str(dst)])
+        (dst / "notes.txt").write_text("keep me")
+        argv.append("--overwrite")
+    return argv
+
+
+@pytest.mark.parametrize("direction, signum, previous", [
+    ("hf2internevo", signal.SIGINT, False), ("hf2internevo", signal.SIGTERM, True),
+    ("internevo2hf", signal.SIGTERM, False), ("internevo2hf", signal.SIGINT, True),
+], ids=["hf2internevo-SIGINT-new", "hf2internevo-SIGTERM-overwrite",
+        "internevo2hf-SIGTERM-new", "internevo2hf-SIGINT-overwrite"])
+def test_an_interrupted_conversion_leaves_the_output_as_it_was(tmp_path, slow_checkpoint,
+                                                              capsys, direction, signum,
+                                                              previous):
+    dst = tmp_path / "out"
+    argv = _conversion_argv(direction, slow_checkpoint, dst, previous)
+    capsys.readouterr()
+    before = snapshot(dst) if previous else None
+    proc, tmp = _start_and_stop_while_writing(argv, str(dst), tmp_path)
+    try:
+        # Checked while the conversion is frozen: it has not finished, so the signal lands
+        # mid-way.
+        assert os.path.isdir(tmp) and (snapshot(dst) if previous else None) == before, \
+            "the conversion finished before the signal: make slow_checkpoint bigger"
+        proc.send_signal(signum)
+        proc.send_signal(signal.SIGCONT)
+        assert proc.wait(timeout=300) == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
+    finally:
+        proc.kill()  # a no-op once it has exited
+        proc.wait()
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == f"interrupted: {dst} left unchanged", err
+    assert (tmp_path / "stdout").read_text() == ""
+    if previous:
+        assert snapshot(dst) == before
+    else:
+        assert not dst.exists()
+    assert siblings(dst) == []
+
+
+def test_kill_9_leaves_the_output_and_the_next_run_cleans_up(tmp_path, slow_checkpoint):
+    dst = tmp_path / "out"
+    argv = _conversion_argv("hf2internevo", slow_checkpoint, dst, previous=True)
+    before = snapshot(dst)
+    proc, tmp = _start_and_stop_while_writing(argv, str(dst), tmp_path)
+    proc.kill()
+    proc.wait()
+    assert snapshot(dst) == before
+    assert siblings(dst) == [os.path.basename(tmp)]  # cannot be caught: left behind
+    summary = hf_to_internevo(slow_checkpoint["small"], str(dst), tp=1, overwrite=True)
+    assert siblings(dst) == []
+    assert sorted(os.listdir(dst)) == sorted(summary["files"] + ["model_config.pt",
+                                                                 "notes.txt"])
 
 
 # ----------------------------------------------------------------------------- CLI
-def _cli(argv):
-    parser = argparse.ArgumentParser(prog="xtuner-patch")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
-
-
 def test_cli_converts_and_reports_bad_input(tmp_path, gqa_checkpoint, capsys):
     evo, back = str(tmp_path / "evo"), str(tmp_path / "hf")
-    assert _cli(["convert", "hf2internevo", gqa_checkpoint, evo, "--tp", "2", "--pp", "2",
+    assert main(["convert", "hf2internevo", gqa_checkpoint, evo, "--tp", "2", "--pp", "2",
                  "--qk-interleaved"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["files"][-1] == "model_tp1_pp1.pt"
@@ -487,7 +612,7 @@ def test_cli_converts_and_reports_bad_input(tmp_path, gqa_checkpoint, capsys):
     tokenizer.mkdir()
     for name in ("tokenizer.model", "tokenizer_config.json", "tokenization_internlm2.py"):
         (tokenizer / name).write_text(name)
-    assert _cli(["convert", "internevo2hf", evo, back, "--dtype", "bfloat16",
+    assert main(["convert", "internevo2hf", evo, back, "--dtype", "bfloat16",
                  "--max-shard-size", "4MB", "--progress", "--tokenizer", str(tokenizer)]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["qk_interleaved"] is True and "internevo2hf" in err  # progress bar
@@ -496,9 +621,52 @@ def test_cli_converts_and_reports_bad_input(tmp_path, gqa_checkpoint, capsys):
         "tokenization_internlm2.py"
 
     os.remove(os.path.join(evo, "model_tp0_pp1.pt"))
-    assert _cli(["convert", "internevo2hf", evo, str(tmp_path / "hf2")]) == 2
+    assert main(["convert", "internevo2hf", evo, str(tmp_path / "hf2")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: ") and "model_tp0_pp1.pt" in err
+    assert len(err.splitlines()) == 1
+
+
+BAD_ARGUMENTS = {
+    "tp 0": (["hf2internevo", "{hf}", "{dst}", "--tp", "0"], "--tp must be > 0, got 0"),
+    "pp -1": (["hf2internevo", "{hf}", "{dst}", "--pp", "-1"], "--pp must be > 0, got -1"),
+    "tp not a number": (["hf2internevo", "{hf}", "{dst}", "--tp", "two"],
+                        "argument --tp: invalid int value: 'two' "
+                        "(see xtuner-patch convert hf2internevo --help)"),
+    "shard size 0": (["internevo2hf", "{evo}", "{dst}", "--max-shard-size", "0MB"],
+                     "--max-shard-size must be > 0 bytes, got '0MB'"),
+    "shard size not a size": (["internevo2hf", "{evo}", "{dst}", "--max-shard-size", "1.2.3GB"],
+                              "--max-shard-size must be a size such as 5GB, 500MB, 2GiB or a "
+                              "byte count, got '1.2.3GB'"),
+    "max positions 0": (["internevo2hf", "{evo}", "{dst}", "--max-position-embeddings", "0"],
+                        "--max-position-embeddings must be > 0, got 0"),
+    "missing internevo folder": (["internevo2hf", "{missing}", "{dst}"],
+                                 "{missing}: not a folder"),
+    "missing hf folder": (["hf2internevo", "{missing}", "{dst}"], "{missing}: not a folder"),
+    "missing tokenizer folder": (["internevo2hf", "{evo}", "{dst}", "--tokenizer", "{missing}"],
+                                 "{missing}: not a folder (the tokenizer folder to copy from)"),
+    "output is a file": (["hf2internevo", "{hf}", "{file}"],
+                         "{file}: exists and is not a folder"),
+    "output not empty": (["internevo2hf", "{evo}", "{hf}"],
+                         "{hf}: exists and is not empty (pass --overwrite to replace it)"),
+    "no subcommand": ([], "the following arguments are required: convert_command "
+                          "(see xtuner-patch convert --help)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_cli_reports_bad_arguments_in_one_line(tmp_path, gqa_checkpoint, evo_checkpoint,
+                                               capsys, case):
+    argv, message = BAD_ARGUMENTS[case]
+    (tmp_path / "file").write_text("x")
+    paths = dict(hf=gqa_checkpoint, evo=evo_checkpoint, dst=str(tmp_path / "dst"),
+                 missing=str(tmp_path / "missing"), file=str(tmp_path / "file"))
+    before = snapshot(gqa_checkpoint)
+    assert main(["convert"] + [a.format(**paths) for a in argv]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"error: {message.format(**paths)}\n")
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+    assert snapshot(gqa_checkpoint) == before
 
 
 # ----------------------------------------------------------------------------- memory

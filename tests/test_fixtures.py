@@ -6,7 +6,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from tests.outputs import siblings, snapshot
+from xtuner_patch.cli import main
+from xtuner_patch.errors import UserError
 from xtuner_patch.fixtures import (MODEL_PRESETS, SampleDataSpec, build_internlm2_checkpoint,
                                    internlm2_config_dict, write_sample_ftdp_dataset)
 
@@ -38,11 +42,92 @@ def test_checkpoint_loads_like_a_hub_checkpoint(tiny_checkpoint):
 
 
 def test_checkpoint_is_reused_and_guarded(tiny_checkpoint):
+    before = snapshot(tiny_checkpoint)
     mtime = os.path.getmtime(os.path.join(tiny_checkpoint, "config.json"))
     assert build_internlm2_checkpoint(tiny_checkpoint, "tiny") == tiny_checkpoint
     assert os.path.getmtime(os.path.join(tiny_checkpoint, "config.json")) == mtime
-    with pytest.raises(FileExistsError, match="different checkpoint"):
+    with pytest.raises(UserError, match=r"num_hidden_layers=2 \(asked 3\).*--overwrite"):
         build_internlm2_checkpoint(tiny_checkpoint, "tiny", num_hidden_layers=3)
+    with pytest.raises(UserError, match=r"seed=0 \(asked 1\).*--overwrite"):
+        build_internlm2_checkpoint(tiny_checkpoint, "tiny", seed=1)
+    assert snapshot(tiny_checkpoint) == before
+
+
+def _weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_make_tiny_model_cli_refuses_other_arguments_without_overwrite(tmp_path, capsys):
+    path = str(tmp_path / "model")
+    assert main(["make-tiny-model", path, "--layers", "1"]) == 0
+    first = snapshot(path)
+    assert main(["make-tiny-model", path, "--layers", "1"]) == 0  # same arguments: reused
+    assert snapshot(path) == first
+    capsys.readouterr()
+    assert main(["make-tiny-model", path, "--layers", "1", "--seed", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: {path}: holds a checkpoint with seed=0 (asked 1) "
+                                       "(pass --overwrite to replace it)\n")
+    assert snapshot(path) == first
+    with open(os.path.join(path, "notes.txt"), "w") as f:
+        f.write("keep me")
+    old = _weights(path)
+    assert main(["make-tiny-model", path, "--layers", "1", "--seed", "1", "--overwrite"]) == 0
+    new = _weights(path)
+    assert sorted(new) == sorted(old)
+    assert not any(torch.equal(old[k], new[k]) for k in new if k.endswith("wqkv.weight"))
+    with open(os.path.join(path, "xtuner_patch_fixture.json")) as f:
+        assert json.load(f) == {"seed": 1}
+    with open(os.path.join(path, "notes.txt")) as f:
+        assert f.read() == "keep me"
+    assert siblings(path) == []
+
+
+def test_sample_data_cli_refuses_to_overwrite_without_overwrite(tmp_path, capsys):
+    root = str(tmp_path / "data")
+    assert main(["make-sample-data", root, "--long-sample-length", "300"]) == 0
+    with open(os.path.join(root, "data_order.txt"), "w") as f:
+        f.write("the user's own file\n")
+    first = snapshot(root)
+    capsys.readouterr()
+    assert main(["make-sample-data", root, "--seed", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: {root}: exists and is not empty "
+                                       "(pass --overwrite to replace it)\n")
+    assert snapshot(root) == first
+    assert main(["make-sample-data", root, "--seed", "1", "--overwrite"]) == 0
+    second = snapshot(root)
+    assert sorted(second) == sorted(first)
+    assert second["data_order.txt"] == first["data_order.txt"]
+    bins = [k for k in first if k.endswith(".bin")]
+    assert bins and all(second[k] != first[k] for k in bins)
+    assert siblings(root) == []
+
+
+FIXTURE_BAD_ARGUMENTS = {
+    "layers 0": (["make-tiny-model", "{dst}", "--layers", "0"], "--layers must be > 0, got 0"),
+    "model seed -1": (["make-tiny-model", "{dst}", "--seed", "-1"],
+                      "--seed must be between 0 and 18446744073709551615, got -1"),
+    "unknown preset": (["make-tiny-model", "{dst}", "--preset", "13b"],
+                       "argument --preset: invalid choice: '13b' (choose from '1_8b', '7b', "
+                       "'tiny') (see xtuner-patch make-tiny-model --help)"),
+    "model into a file": (["make-tiny-model", "{file}"], "{file}: exists and is not a folder"),
+    "vocab 3": (["make-sample-data", "{dst}", "--vocab-size", "3"],
+                "--vocab-size must be >= 4, got 3"),
+    "long samples 3": (["make-sample-data", "{dst}", "--long-sample-length", "3"],
+                       "--long-sample-length must be >= 4, got 3"),
+    "data seed 2**32": (["make-sample-data", "{dst}", "--seed", str(2**32)],
+                        "--seed must be between 0 and 4294967295, got 4294967296"),
+    "data into a file": (["make-sample-data", "{file}"], "{file}: exists and is not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIXTURE_BAD_ARGUMENTS))
+def test_fixture_clis_report_bad_arguments_in_one_line(tmp_path, capsys, case):
+    argv, message = FIXTURE_BAD_ARGUMENTS[case]
+    (tmp_path / "file").write_text("x")
+    paths = dict(dst=str(tmp_path / "dst"), file=str(tmp_path / "file"))
+    assert main([a.format(**paths) for a in argv]) == 2
+    assert capsys.readouterr() == ("", f"error: {message.format(**paths)}\n")
+    assert os.listdir(tmp_path) == ["file"]
 
 
 @pytest.mark.parametrize("preset", sorted(MODEL_PRESETS))
@@ -106,9 +191,12 @@ def test_sample_data_is_deterministic(tmp_path):
     assert first["tokens"] == second["tokens"]
     with open(first["files"][0], "rb") as a, open(second["files"][0], "rb") as b:
         assert a.read() == b.read()
-    with pytest.raises(ValueError, match="int32 or int64"):
+    with pytest.raises(UserError, match="int32 or int64"):
         write_sample_ftdp_dataset(str(tmp_path / "bad"),
                                   SampleDataSpec(files={"en/a/p": (3, "float32")}))
+    with pytest.raises(UserError, match=r"phrase_length\[0\] must be >= 1, got 0"):
+        write_sample_ftdp_dataset(str(tmp_path / "bad"), SampleDataSpec(phrase_length=(0, 3)))
+    assert sorted(os.listdir(tmp_path)) == ["one", "two"]
 
 
 def test_xtuner_reads_the_sample_data(sample_ftdp):

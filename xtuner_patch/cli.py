@@ -1,17 +1,34 @@
-"""The ``xtuner-patch`` command line."""
+"""The ``xtuner-patch`` command line.
+
+Exit status (every command but ``train``, which returns the training's): 0 when done; 2 for bad
+input, reported as one ``error: <message>`` line on stderr; 130 after SIGINT and 143 after
+SIGTERM, reported as one ``interrupted`` line that says what became of the output folder.
+Commands that write a folder write it atomically (xtuner_patch/atomic.py): complete or not at
+all, an existing one replaced only with --overwrite.
+"""
 
 import argparse
 import json
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
-from .errors import UserError
+from .errors import UserError, check_positive, check_range
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception, so that cleanups (``finally``, atomic output folders) run as
+    they do for Ctrl-C."""
 
 
 def _make_tiny_model(args) -> int:
-    from .fixtures import build_internlm2_checkpoint
+    from .fixtures.model import MAX_SEED, build_internlm2_checkpoint
 
+    check_range("--seed", args.seed, 0, MAX_SEED)
     overrides = {}
     if args.layers is not None:
+        check_positive("--layers", args.layers)
         overrides["num_hidden_layers"] = args.layers
     path = build_internlm2_checkpoint(args.path, args.preset, seed=args.seed,
                                       dtype=args.dtype, overwrite=args.overwrite, **overrides)
@@ -24,7 +41,8 @@ def _make_sample_data(args) -> int:
 
     spec = SampleDataSpec(seed=args.seed, vocab_size=args.vocab_size,
                           long_sample_length=args.long_sample_length)
-    summary = write_sample_ftdp_dataset(args.path, spec)
+    spec.check(lambda field: "--" + field.replace("_", "-"))
+    summary = write_sample_ftdp_dataset(args.path, spec, overwrite=args.overwrite)
     print(json.dumps({k: v for k, v in summary.items() if k != "files"}))
     return 0
 
@@ -41,8 +59,18 @@ def _convert(args) -> int:
     return run(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    # Argument errors as the one-line UserError every other bad input gets (argparse prints
+    # usage and exits); subcommand parsers inherit this class.
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xtuner-patch", description=__doc__)
+    from .fixtures.model import MODEL_PRESETS
+
+    parser = _Parser(prog="xtuner-patch", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
@@ -52,11 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("make-tiny-model", help="write an InternLM2 checkpoint directory")
     model.add_argument("path")
-    model.add_argument("--preset", default="tiny", help="tiny, 1_8b or 7b")
+    model.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
     model.add_argument("--layers", type=int, default=None, help="override num_hidden_layers")
     model.add_argument("--seed", type=int, default=0)
     model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    model.add_argument("--overwrite", action="store_true")
+    model.add_argument("--overwrite", action="store_true",
+                       help="replace what PATH holds, keeping files that are no part of a "
+                            "checkpoint (one made with the same arguments is reused anyway)")
 
     data = sub.add_parser("make-sample-data", help="write a sample ftdp dataset (cn/ and en/)")
     data.add_argument("path")
@@ -64,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--vocab-size", type=int, default=2048)
     data.add_argument("--long-sample-length", type=int, default=3000,
                       help="length of the samples meant to exceed a pack")
+    data.add_argument("--overwrite", action="store_true",
+                      help="replace the cn/ and en/ folders of a non-empty PATH, keeping "
+                           "its other files")
 
     from .dataset.cli import add_subcommands as add_data_subcommands
 
@@ -75,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _sigterm_raises():
+    # Only over the default action (death): a handler or SIG_IGN someone set is theirs.
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL):
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
@@ -82,14 +133,20 @@ def main(argv=None) -> int:
         from .launch import launch
 
         return launch(argv[1:])
-    args = build_parser().parse_args(argv)
     handlers = {"make-tiny-model": _make_tiny_model, "make-sample-data": _make_sample_data,
                 "data": _data, "convert": _convert}
-    try:
-        return handlers[args.command](args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with _sigterm_raises():
+        try:
+            args = build_parser().parse_args(argv)
+            return handlers[args.command](args)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:
+            # The note of an atomic output folder says what became of it.
+            notes = "; ".join(getattr(exc, "__notes__", ()))
+            print("interrupted" + (f": {notes}" if notes else ""), file=sys.stderr)
+            return 143 if isinstance(exc, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from ..errors import check_positive
+from ._io import parse_size
 from .internevo import ConversionError, hf_to_internevo, internevo_to_hf
 
 __all__ = ["ConversionError", "add_subcommands", "hf_to_internevo", "internevo_to_hf", "run"]
@@ -28,7 +30,7 @@ def add_subcommands(subparsers) -> None:
         description="Merge an InternEvo checkpoint (model_config.pt + model_tp{t}_pp{p}.pt, any "
                     "tp/pp, read from the file names) into a Hugging Face InternLM2 folder.")
     to_hf.add_argument("src", help="InternEvo checkpoint folder")
-    to_hf.add_argument("dst", help="output folder (created)")
+    to_hf.add_argument("dst", help="output folder (written atomically)")
     to_hf.add_argument("--dtype", choices=_DTYPES, default=None,
                        help="cast the weights (default: keep the stored dtypes)")
     to_hf.add_argument("--max-shard-size", default="5GB",
@@ -44,7 +46,7 @@ def add_subcommands(subparsers) -> None:
         description="Split a Hugging Face InternLM2 folder into an InternEvo checkpoint "
                     "(model_config.pt + model_tp{t}_pp{p}.pt) for the given tp and pp.")
     to_evo.add_argument("src", help="Hugging Face InternLM2 folder")
-    to_evo.add_argument("dst", help="output folder (created)")
+    to_evo.add_argument("dst", help="output folder (written atomically)")
     to_evo.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel size; must divide the kv heads (default 1)")
     to_evo.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
@@ -64,31 +66,35 @@ def add_subcommands(subparsers) -> None:
 
     for parser in (to_hf, to_evo):
         parser.add_argument("--overwrite", action="store_true",
-                            help="replace an earlier conversion in DST")
+                            help="replace a non-empty DST (the files a conversion does not "
+                                 "write are kept)")
         parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                             help="progress bar on stderr (default: for models of 1 GiB or more)")
 
 
 def run(args) -> int:
-    """Run the parsed ``convert`` command; bad input prints one ``error:`` line and returns 2."""
-    try:
-        summary = args.convert_func(args)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
+    """Run the parsed ``convert`` command and print its summary as JSON.
+
+    Bad input raises :class:`~xtuner_patch.errors.UserError` (:class:`ConversionError`
+    included), which ``xtuner-patch`` prints as one ``error:`` line.
+    """
+    print(json.dumps(args.convert_func(args)))
     return 0
 
 
 def _internevo2hf(args) -> dict:
+    if args.max_position_embeddings is not None:
+        check_positive("--max-position-embeddings", args.max_position_embeddings)
     return internevo_to_hf(args.src, args.dst, dtype=args.dtype,
-                           max_shard_size=args.max_shard_size,
+                           max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
                            max_position_embeddings=args.max_position_embeddings,
                            tokenizer=args.tokenizer, overwrite=args.overwrite,
                            progress=args.progress)
 
 
 def _hf2internevo(args) -> dict:
+    check_positive("--tp", args.tp)
+    check_positive("--pp", args.pp)
     summary = hf_to_internevo(args.src, args.dst, tp=args.tp, pp=args.pp, dtype=args.dtype,
                               embed_split_hidden=args.embed_split_hidden,
                               qk_interleaved=args.qk_interleaved, split_qkv=args.split_qkv,

@@ -1,20 +1,22 @@
-"""File-level pieces of the converters: reading torch pickles, streaming safetensors shards,
-output folders and progress reporting."""
+"""File-level pieces of the converters: reading torch pickles, streaming safetensors shards
+and progress reporting."""
 
 import ctypes
 import json
 import os
 import pickle
 import re
-import shutil
 import sys
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..errors import UserError
 
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message names the file and the key."""
+
+class ConversionError(UserError, ValueError):
+    """A checkpoint that cannot be converted, or a bad argument; the message names the file
+    and the key, or the argument."""
 
 
 # ----------------------------------------------------------------------------- torch pickles
@@ -94,36 +96,24 @@ def _plain(value):
     return value
 
 
-# ----------------------------------------------------------------------------- output folders
-def prepare_output_dir(path: str, overwrite: bool, owned: Sequence[str]) -> None:
-    """Create ``path``; an existing non-empty folder is refused unless ``overwrite``, which
-    then removes the files matching ``owned`` (regexes) so no stale shard survives."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConversionError(f"{path}: exists and is not a folder")
-    if os.path.isdir(path) and os.listdir(path):
-        if not overwrite:
-            raise ConversionError(f"{path}: exists and is not empty (pass --overwrite)")
-        patterns = [re.compile(p) for p in owned]
-        for name in os.listdir(path):
-            if any(p.fullmatch(name) for p in patterns):
-                target = os.path.join(path, name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target)
-                else:
-                    os.remove(target)
-    os.makedirs(path, exist_ok=True)
-
-
-def parse_size(text) -> int:
-    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count, as bytes."""
+# ----------------------------------------------------------------------------- arguments
+def parse_size(text, name: str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count, as a positive number of bytes;
+    ``name`` (the argument, as the caller spells it) is in the error message."""
     if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B)?\s*", str(text).upper())
-    if not match:
-        raise ConversionError(f"not a size: {text!r} (use e.g. 5GB, 500MB or a byte count)")
-    number, prefix, unit = match.groups()
-    base = 1024 if unit == "IB" else 1000
-    return int(float(number) * base ** " KMGT".index(prefix or " "))
+        size = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([KMGT]?)(I?B)?\s*",
+                             str(text).upper())
+        if not match:
+            raise ConversionError(f"{name} must be a size such as 5GB, 500MB, 2GiB or a byte "
+                                  f"count, got {text!r}")
+        number, prefix, unit = match.groups()
+        base = 1024 if unit == "IB" else 1000
+        size = int(float(number) * base ** " KMGT".index(prefix or " "))
+    if size <= 0:
+        raise ConversionError(f"{name} must be > 0 bytes, got {text!r}")
+    return size
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -245,7 +235,9 @@ class ShardedSafetensorsWriter:
 
     A safetensors header lists every tensor's offset, so the shards are laid out up front
     from ``entries`` (name, shape, dtype, in the order :meth:`write` will receive them); each
-    tensor's bytes then go to disk as soon as it arrives and nothing is kept.
+    tensor's bytes then go to disk as soon as it arrives and nothing is kept.  Files get their
+    final names at once: ``directory`` is meant to be a temporary folder that becomes the
+    output only when complete (:func:`xtuner_patch.atomic.atomic_output_dir`).
     """
 
     def __init__(self, directory: str, entries: Iterable[Entry], max_shard_bytes: int):
@@ -278,19 +270,15 @@ class ShardedSafetensorsWriter:
             offset = end
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
-        self._handle = open(self._tmp_path(index), "wb")
+        self._handle = open(os.path.join(self.directory, self.files[index]), "wb")
         self._handle.write(len(raw).to_bytes(8, "little"))
         self._handle.write(raw)
         self._open_shard = index
 
-    def _tmp_path(self, index: int) -> str:
-        return os.path.join(self.directory, self.files[index] + ".partial")
-
-    def _finish_shard(self) -> None:
-        self._handle.close()
-        self._handle = None
-        os.replace(self._tmp_path(self._open_shard),
-                   os.path.join(self.directory, self.files[self._open_shard]))
+    def _close_shard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
     def write(self, name: str, pieces: Sequence[torch.Tensor], dim: int = 0) -> int:
         """Write ``name`` as ``torch.cat(pieces, dim)`` cast to the planned dtype, without
@@ -302,8 +290,7 @@ class ShardedSafetensorsWriter:
         if (name, tuple(got)) != (want_name, shape):
             raise RuntimeError(f"writer expected {want_name} {shape}, got {name} {tuple(got)}")
         if index != self._open_shard:
-            if self._handle is not None:
-                self._finish_shard()
+            self._close_shard()
             self._start_shard(index)
         if dim == 0 or len(pieces) == 1:
             for piece in pieces:
@@ -326,12 +313,9 @@ class ShardedSafetensorsWriter:
 
     def close(self) -> None:
         """Finish the last shard and, when there are several, write the index."""
+        self._close_shard()
         if self._next != len(self._order):
-            if self._handle is not None:
-                self._handle.close()
             raise RuntimeError(f"writer closed after {self._next} of {len(self._order)} tensors")
-        if self._handle is not None:
-            self._finish_shard()
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {e[0]: self.files[i] for i, e in self._order}}
@@ -339,10 +323,8 @@ class ShardedSafetensorsWriter:
                 json.dump(index, f, indent=2)
 
     def abort(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            os.remove(self._tmp_path(self._open_shard))
-            self._handle = None
+        """Close the open file; what was written stays, incomplete, for the caller to remove."""
+        self._close_shard()
 
 
 def release_freed_memory() -> None:

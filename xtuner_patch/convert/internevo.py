@@ -30,9 +30,11 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..atomic import atomic_output_dir
+from ..errors import check_positive
+from ..fixtures.model import HF_CHECKPOINT_FILES, complete_internlm2_config, write_internlm2_files
 from ._io import (ConversionError, Progress, SafetensorsFolder, ShardedSafetensorsWriter,
-                  load_model_config, load_state_dict, parse_size, prepare_output_dir,
-                  release_freed_memory)
+                  load_model_config, load_state_dict, parse_size, release_freed_memory)
 
 CONFIG_FILE = "model_config.pt"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,9 +66,6 @@ _HEAD_KEYS = ("norm.weight", "output.weight")
 _TOP_SPLIT = {"embed": _EMBED, "norm.weight": None, "output.weight": _COL}
 _HF_TOP = {"embed": "model.tok_embeddings.weight", "norm.weight": "model.norm.weight",
            "output.weight": "output.weight"}
-_HF_OWNED = [r"model(-\d+-of-\d+)?\.safetensors(\.partial)?", r"model\.safetensors\.index\.json",
-             r"config\.json", r"generation_config\.json", r"configuration_internlm2\.py",
-             r"modeling_internlm2\.py"]
 _INTERNEVO_OWNED = [r"model_(tp|wp)\d+_pp\d+\.pt", re.escape(CONFIG_FILE)]
 
 
@@ -105,8 +104,6 @@ class Arch:
                 "embed": (v, h), "output.weight": (v, h)}[key]
 
     def hf_config(self) -> dict:
-        from ..fixtures.model import complete_internlm2_config
-
         return complete_internlm2_config(dict(
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
@@ -421,6 +418,8 @@ def _hf_plan(arch: Arch, stages: List[_Stage]) -> Iterator[Tuple[int, str, str]]
 
 
 def _tokenizer_files(folder: str) -> List[str]:
+    if not os.path.isdir(folder):
+        raise ConversionError(f"{folder}: not a folder (the tokenizer folder to copy from)")
     names = sorted(n for n in os.listdir(folder) if n.startswith("tokeniz")
                    or n in ("special_tokens_map.json", "added_tokens.json"))
     if not names:
@@ -437,14 +436,16 @@ def internevo_to_hf(src: str, dst: str, *, dtype: Optional[str] = None,
 
     Args:
         src: folder with ``model_config.pt`` and ``model_tp{t}_pp{p}.pt`` (or ``model_wp``).
-        dst: output folder (created; must be empty unless ``overwrite``).
+        dst: output folder, written atomically (:func:`xtuner_patch.atomic.atomic_output_dir`):
+            created complete or, on any error or interruption, left as it was.
         dtype: ``float32`` / ``bfloat16`` / ``float16``; ``None`` keeps the stored dtypes.
         max_shard_size: largest safetensors shard (``"5GB"``, bytes, ...).
         max_position_embeddings: for ``config.json`` when ``model_config.pt`` has none
             (InternEvo's default then is 2048).
         tokenizer: an HF folder whose tokenizer files to copy next to the weights
             (InternEvo checkpoints carry none).
-        overwrite: replace a previous conversion in ``dst``.
+        overwrite: replace a non-empty ``dst`` (refused otherwise); the files of ``dst`` that
+            a conversion does not write are kept.
         progress: show a progress bar (``None``: for models of 1 GiB or more).
 
     Returns:
@@ -454,7 +455,9 @@ def internevo_to_hf(src: str, dst: str, *, dtype: Optional[str] = None,
     and every merged tensor is written out before the next is built.
     """
     out_dtype = _torch_dtype(dtype)
-    max_shard_bytes = parse_size(max_shard_size)
+    max_shard_bytes = parse_size(max_shard_size, "max_shard_size")
+    if max_position_embeddings is not None:
+        check_positive("max_position_embeddings", max_position_embeddings)
     tokenizer_files = _tokenizer_files(tokenizer) if tokenizer else []
     mode, size, pp = _scan(src)
     cfg = load_model_config(os.path.join(src, CONFIG_FILE))
@@ -473,30 +476,29 @@ def internevo_to_hf(src: str, dst: str, *, dtype: Optional[str] = None,
     for p, key, hf_name in plan:
         short = "embed" if key in _EMBED_KEYS else re.sub(r"^layers\.\d+\.", "", key)
         entries.append((hf_name, arch.shape(short), out_dtype or source_dtype(stages[p], key)))
-    prepare_output_dir(dst, overwrite, _HF_OWNED)
-    writer = ShardedSafetensorsWriter(dst, entries, max_shard_bytes)
-    bar = Progress(writer.total_size, "internevo2hf", progress)
-    try:
-        states, loaded = None, -1
-        for p, key, hf_name in plan:
-            if p != loaded:
-                # A live view of the previous stage would keep its files mapped.
-                states = pieces = None
-                states, loaded = _load_stage(src, layout, p), p
-            pieces, dim = _merge(states, key, layout, stages[p].qkv, arch, interleaved, norm_head)
-            bar.update(writer.write(hf_name, pieces, dim))
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
     torch_dtype = str(entries[0][2]).replace("torch.", "")
-    from ..fixtures.model import write_internlm2_files
-
-    write_internlm2_files(dst, arch.hf_config(), torch_dtype)
-    for name in tokenizer_files:
-        shutil.copyfile(os.path.join(tokenizer, name), os.path.join(dst, name))
+    with atomic_output_dir(dst, overwrite=overwrite, owned=HF_CHECKPOINT_FILES) as out:
+        writer = ShardedSafetensorsWriter(out, entries, max_shard_bytes)
+        bar = Progress(writer.total_size, "internevo2hf", progress)
+        try:
+            states, loaded = None, -1
+            for p, key, hf_name in plan:
+                if p != loaded:
+                    # A live view of the previous stage would keep its files mapped.
+                    states = pieces = None
+                    states, loaded = _load_stage(src, layout, p), p
+                pieces, dim = _merge(states, key, layout, stages[p].qkv, arch, interleaved,
+                                     norm_head)
+                bar.update(writer.write(hf_name, pieces, dim))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+        write_internlm2_files(out, arch.hf_config(), torch_dtype)
+        for name in tokenizer_files:
+            shutil.copyfile(os.path.join(tokenizer, name), os.path.join(out, name))
     return {"mode": mode, "ranks": size, "pp": pp, "layers": [s.num_layers for s in stages],
             "qkv": "split" if stages[0].qkv == _SPLIT_QKV else "fused",
             "qk_interleaved": interleaved, "embed_split_hidden": layout.embed_split_hidden,
@@ -681,7 +683,9 @@ def hf_to_internevo(src: str, dst: str, *, tp: int = 1, pp: int = 1,
 
     Args:
         src: HF folder (``config.json`` and safetensors, sharded or not).
-        dst: output folder for ``model_config.pt`` and ``model_tp{t}_pp{p}.pt``.
+        dst: output folder for ``model_config.pt`` and ``model_tp{t}_pp{p}.pt``, written
+            atomically (:func:`xtuner_patch.atomic.atomic_output_dir`): created complete or,
+            on any error or interruption, left as it was.
         tp: tensor-parallel ranks (must divide the kv heads); with ``isp`` the
             weight-parallel ranks, written as ``model_wp{w}_pp{p}.pt``.
         pp: pipeline stages, split as InternEvo's ``partition_uniform`` does.
@@ -691,7 +695,8 @@ def hf_to_internevo(src: str, dst: str, *, tp: int = 1, pp: int = 1,
         qk_interleaved: store q/k rows interleaved (``adapt_hf=False`` checkpoints).
         split_qkv: store ``wq``/``wk``/``wv`` instead of a fused ``wqkv``
             (``enable_qkv_fusion=False`` models).
-        overwrite: replace a previous conversion in ``dst``.
+        overwrite: replace a non-empty ``dst`` (refused otherwise); the files of ``dst`` that
+            a conversion does not write are kept.
         progress: show a progress bar (``None``: for models of 1 GiB or more).
 
     Returns:
@@ -700,28 +705,15 @@ def hf_to_internevo(src: str, dst: str, *, tp: int = 1, pp: int = 1,
     Memory: one pipeline stage's shards at a time.
     """
     out_dtype = _torch_dtype(dtype)
+    check_positive("tp", tp)
+    if not os.path.isdir(src):
+        raise ConversionError(f"{src}: not a folder")
     arch = _hf_arch(src)
     weights = SafetensorsFolder(src)
     _check_hf(src, arch, weights)
-    if tp < 1:
-        raise ConversionError(f"tp={tp} must be at least 1")
     layout = Layout("wp" if isp else "tp", tp, pp, embed_split_hidden)
     sizes = stage_sizes(arch.num_layers, pp)
     _check_divisible(arch, layout, split_qkv)
-    prepare_output_dir(dst, overwrite, _INTERNEVO_OWNED)
-    bar = Progress(sum(weights.nbytes(k) for k in _hf_names(arch)), "hf2internevo", progress)
-    try:
-        start = 0
-        for stage, count in enumerate(sizes):
-            ranks = _internevo_stage(weights, arch, layout, stage, range(start, start + count),
-                                     out_dtype, qk_interleaved, split_qkv, bar)
-            for rank, state in enumerate(ranks):
-                torch.save(state, os.path.join(dst, layout.file(rank, stage)))
-            ranks = state = None  # the loop variable would keep the last rank alive
-            release_freed_memory()
-            start += count
-    finally:
-        bar.close()
     embed_dtype = out_dtype or weights.dtype(_HF_TOP["embed"])
     ratio, multiple = _mlp_ratio(arch.hidden_size, arch.intermediate_size)
     model_config = dict(
@@ -737,7 +729,23 @@ def hf_to_internevo(src: str, dst: str, *, tp: int = 1, pp: int = 1,
         use_flash_attn=True, use_dynamic_ntk_rope=bool(arch.rope_scaling))
     if arch.rope_scaling:
         model_config["rope_scaling_factor"] = float(arch.rope_scaling.get("factor", 1.0))
-    torch.save(model_config, os.path.join(dst, CONFIG_FILE))
+    with atomic_output_dir(dst, overwrite=overwrite, owned=_INTERNEVO_OWNED) as out:
+        bar = Progress(sum(weights.nbytes(k) for k in _hf_names(arch)), "hf2internevo",
+                       progress)
+        try:
+            start = 0
+            for stage, count in enumerate(sizes):
+                ranks = _internevo_stage(weights, arch, layout, stage,
+                                         range(start, start + count), out_dtype,
+                                         qk_interleaved, split_qkv, bar)
+                for rank, state in enumerate(ranks):
+                    torch.save(state, os.path.join(out, layout.file(rank, stage)))
+                ranks = state = None  # the loop variable would keep the last rank alive
+                release_freed_memory()
+                start += count
+        finally:
+            bar.close()
+        torch.save(model_config, os.path.join(out, CONFIG_FILE))
     return {"mode": layout.mode, "ranks": tp, "pp": pp, "layers": sizes,
             "files": [layout.file(t, p) for p in range(pp) for t in range(tp)],
             "model_config": model_config}
