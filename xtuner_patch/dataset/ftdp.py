@@ -201,9 +201,9 @@ def _gather_scan(data, path, offsets, ends, lengths, out, place) -> None:
 
 
 def iter_file_tokens(path: str, meta_offsets: np.ndarray, meta_lengths: np.ndarray,
-                     rows_per_block: int = 1 << 16) -> Iterator[Tuple[int, np.ndarray]]:
-    """Every meta row's tokens, in meta order: yields ``(first_row, tokens)`` per block of
-    rows, ``tokens`` :data:`~.lines.TOKEN_DTYPE` (the block's rows back to back).
+                     rows_per_block: int = 1 << 16) -> Iterator[Tuple[int, int, np.ndarray]]:
+    """Every meta row's tokens, in meta order: yields ``(first_row, stop_row, tokens)`` per
+    block of rows, ``tokens`` :data:`~.lines.TOKEN_DTYPE` (the block's rows back to back).
 
     Reads the file front to back in chunks of :data:`CHUNK_BYTES` whatever the meta's
     order; raises FtdpFormatError at the first bad line (file, line, meta row).
@@ -223,7 +223,7 @@ def iter_file_tokens(path: str, meta_offsets: np.ndarray, meta_lengths: np.ndarr
         if order is not None:
             place = place[order]
         _scan_rows(data, path, rows, off, _line_ends(data, off), n, out, place)
-        yield lo, out
+        yield lo, lo + len(off), out
 
 
 class FtdpFile:

@@ -94,7 +94,7 @@ def _write_index(path, folder, prefix, final) -> Optional[str]:
     except OSError as exc:
         sink = _give_up(sink, tmp, folder, exc)
     try:
-        for _, tokens in iter_file_tokens(path, offsets, lengths):
+        for _, _, tokens in iter_file_tokens(path, offsets, lengths):
             if sink is not None:
                 try:
                     tokens.tofile(sink)
