@@ -318,7 +318,7 @@ def _truncation(path: str, offsets: np.ndarray, past: np.ndarray, size: int) -> 
     data = _mmap(path)
     if data[size - 1] == _NEWLINE:
         return (f"{path} ends after a complete line: truncated at a line boundary, after "
-                f"line {_line_number(path, size)} (meta row {row})")
+                f"line {_line_number(path, size) - 1} (meta row {row})")
     return (f"{path} is truncated: meta row {row}'s line ({path}:{_line_number(path, start)}) "
             f"is cut {size - start} bytes after its start")
 

@@ -134,15 +134,17 @@ def _give_up(sink, tmp, folder, exc) -> None:
     return None
 
 
-def open_index(index_path: str, _open: Dict[str, np.ndarray] = {}  # noqa: B006
-               ) -> Optional[np.ndarray]:
+_OPENED: Dict[str, np.ndarray] = {}  # per process; forked workers inherit the maps
+
+
+def open_index(index_path: str) -> Optional[np.ndarray]:
     """The index at ``index_path`` mapped read-only (once per process), or None if this
     machine does not have it."""
-    index = _open.get(index_path)
+    index = _OPENED.get(index_path)
     if index is None:
         try:
-            index = np.load(index_path, mmap_mode="r")
+            index = np.asarray(np.load(index_path, mmap_mode="r"))
         except FileNotFoundError:
             return None
-        _open[index_path] = index
+        _OPENED[index_path] = index
     return index

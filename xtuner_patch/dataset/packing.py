@@ -210,12 +210,15 @@ class PackedFtdpDataset(torch.utils.data.Dataset):
         return whole[concat_ranges(np.cumsum(lengths) - lengths + skip, take)]
 
 
-def _warn_missing_index(path: str, _warned=set()) -> None:  # noqa: B006
-    if not _warned:
+_MISSING_INDEXES = set()  # per process: warned once
+
+
+def _warn_missing_index(path: str) -> None:
+    if not _MISSING_INDEXES:
         warnings.warn(f"token index {path} not found on this machine (is cache_dir shared "
                       "by every node?): packs are parsed from the .bin files when read",
                       FtdpDataWarning, stacklevel=3)
-    _warned.add(path)
+    _MISSING_INDEXES.add(path)
 
 
 def _split_windows(segments: np.ndarray, window: int) -> np.ndarray:
