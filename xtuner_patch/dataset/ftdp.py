@@ -89,6 +89,29 @@ def _mmap(path: str, _cache: Dict[str, tuple] = {}) -> np.ndarray:  # noqa: B006
     return cached[1]
 
 
+class _FileBytes:
+    """A file's bytes as ``data[lo:hi]`` uint8 slices, read (not mapped): reading a whole
+    file front to back then leaves none of its pages in the process's memory."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "rb", buffering=0)
+        self._size = os.fstat(self._file.fileno()).st_size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, span: slice) -> np.ndarray:
+        lo, hi = max(span.start or 0, 0), min(self._size, self._size if span.stop is None
+                                                 else span.stop)
+        out = np.empty(max(hi - lo, 0), dtype=np.uint8)
+        self._file.seek(lo)
+        self._file.readinto(out)
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _line_number(path: str, offset: int) -> int:
     """1-based line of byte ``offset`` in ``path`` (error messages only: scans the prefix)."""
     buf = _mmap(path)[:offset]
@@ -107,7 +130,7 @@ def _where(path: str, offset: int, row: Optional[int] = None) -> str:
     return f"{path}:{_line_number(path, offset)} (byte offset {offset}, {which})"
 
 
-def _line_ends(data: np.ndarray, offsets: np.ndarray, step: int = 1 << 24) -> np.ndarray:
+def _line_ends(data: np.ndarray, offsets: np.ndarray, step: int = 1 << 20) -> np.ndarray:
     """The ``\\n`` ending each line that starts at ``offsets`` (sorted), or the file's
     end; the file is searched in blocks of ``step`` bytes, skipping stretches no line needs."""
     ends = np.empty(len(offsets), dtype=np.int64)
@@ -208,9 +231,16 @@ def iter_file_tokens(path: str, meta_offsets: np.ndarray, meta_lengths: np.ndarr
     Reads the file front to back in chunks of :data:`CHUNK_BYTES` whatever the meta's
     order; raises FtdpFormatError at the first bad line (file, line, meta row).
     """
-    data = _mmap(path)
     offsets = np.asarray(meta_offsets, dtype=np.int64)
     lengths = np.asarray(meta_lengths, dtype=np.int64)
+    data = _FileBytes(path)
+    try:
+        yield from _file_blocks(data, path, offsets, lengths, rows_per_block)
+    finally:
+        data.close()
+
+
+def _file_blocks(data, path, offsets, lengths, rows_per_block):
     for lo in range(0, len(offsets), rows_per_block):
         block = slice(lo, lo + rows_per_block)
         rows = np.arange(lo, min(lo + rows_per_block, len(offsets)))

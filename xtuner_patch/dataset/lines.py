@@ -71,16 +71,9 @@ class _Words:
 
 def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenated ``arange(s, s + n)`` for every pair (int64)."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    keep = lengths > 0
-    starts, lengths = starts[keep], lengths[keep]
-    step = np.ones(total, dtype=np.int64)
-    heads = np.cumsum(lengths) - lengths
-    step[0] = starts[0]
-    step[heads[1:]] = starts[1:] - (starts[:-1] + lengths[:-1]) + 1
-    return np.cumsum(step)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    shift = np.asarray(starts, dtype=np.int64) - (np.cumsum(lengths) - lengths)
+    return np.repeat(shift, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
 def _is_space(buf: np.ndarray, pos: np.ndarray) -> np.ndarray:

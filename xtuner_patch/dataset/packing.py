@@ -185,7 +185,7 @@ class PackedFtdpDataset(torch.utils.data.Dataset):
             labels[ends[ends_sample]] = 0  # no next token in the sample: no target
         else:
             labels = tokens[:row]
-        windows = _split_windows(take, self.packed_length)
+        windows = take if self.micro_bsz == 1 else _split_windows(take, self.packed_length)
         cumulative = np.zeros(len(windows) + 1, dtype=np.int64)
         np.cumsum(windows, out=cumulative[1:])
         out = {"input_ids": np.abs(tokens[:row]),
