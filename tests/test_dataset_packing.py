@@ -177,8 +177,8 @@ def test_hand_checked_labels(hand_corpus):
     internevo = _build_small_len(hand_corpus, 5, label_alignment="internevo")
     assert internevo.labels_shifted and not xtuner.labels_shifted
     # A sample's last token: -100; a cut prefix's last token: the sample's next token.
-    assert [internevo[0]["labels"].tolist(), internevo[1]["labels"].tolist()] == [[-100, 6, 7, -100, 3],
-                                                               [-100, 4, 2, -100, 8]]
+    assert [internevo[i]["labels"].tolist() for i in range(2)] == [[-100, 6, 7, -100, 3],
+                                                                  [-100, 4, 2, -100, 8]]
     for i in range(2):
         shifted, plain = _lists(internevo[i]), _lists(xtuner[i])
         assert shifted.pop("labels_shifted") is True and "labels_shifted" not in plain

@@ -131,7 +131,7 @@ def _where(path: str, offset: int, row: Optional[int] = None) -> str:
 
 
 def _line_ends(data: np.ndarray, offsets: np.ndarray, step: int = 1 << 20) -> np.ndarray:
-    """The ``\\n`` ending each line that starts at ``offsets`` (sorted), or the file's
+    """The newline ending each line that starts at ``offsets`` (sorted), or the file's
     end; the file is searched in blocks of ``step`` bytes, skipping stretches no line needs."""
     ends = np.empty(len(offsets), dtype=np.int64)
     size, done, lo = len(data), 0, 0
