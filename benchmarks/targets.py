@@ -102,6 +102,10 @@ TARGETS = [
     # #8's memory bound, for the head's loss under XTuner's LoRA (adapter on the head).
     Target(8, "lora_head_cross_entropy_fwd_bwd", "peak memory / PEFT's",
            memory_share_of("hf-peft"), 0.15, False),
+    # #19: ftdp data, build (every line checked, token index written) + one pass, one core.
+    Target(19, "ftdp_epoch", "speed-up over XTuner", speedup_over("xtuner"), 10.0, True),
+    Target(19, "ftdp_epoch", "tokens/s", recorded("tokens_per_s"), 25e6, True),
+    Target(19, "ftdp_epoch", "peak memory / XTuner's", memory_share_of("xtuner"), 1.0, False),
 ]
 
 

@@ -25,6 +25,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ftdp_cache_dir(tmp_path_factory) -> str:
+    """Token indexes written by the tests (and the training runs they start) stay in a
+    temporary folder, not in the user's cache."""
+    from xtuner_patch.dataset.index import CACHE_ENV
+
+    folder = str(tmp_path_factory.mktemp("ftdp-index"))
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = folder
+    yield folder
+    if previous is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = previous
+
+
 @pytest.fixture
 def seed(request) -> int:
     """A seed that differs per test (and per parametrisation) but is reproducible."""

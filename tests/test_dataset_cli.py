@@ -2,12 +2,17 @@
 
 import argparse
 import json
+import os
 
+import numpy as np
 import pytest
 
-from xtuner_patch.dataset import list_ftdp_files, load_intern_repo_tokenized_dataset
+from xtuner_patch.cli import main as cli_main
+from xtuner_patch.dataset import (list_ftdp_files, load_intern_repo_tokenized_dataset,
+                                  read_samples)
 from xtuner_patch.dataset.cli import add_subcommands, dataset_statistics, run
 from xtuner_patch.dataset.synthetic import write_synthetic_corpus
+from xtuner_patch.errors import UserError
 
 FILES = {"en/web/p0": 90, "cn/chat/p1": (70, "int32"), "cn/chat/p0": 50, "code/p0": 40,
          "top": 10}
@@ -35,10 +40,20 @@ def test_order_writes_the_order_xtuner_reads(corpus, tmp_path):
     assert [str(root / line) for line in lines] == list_ftdp_files(str(root))
     files = load_intern_repo_tokenized_dataset(str(root), data_order_path=str(out))
     assert [f.path for f in files] == list_ftdp_files(str(root))
-    with pytest.raises(FileExistsError, match="--force"):
-        _main(["data", "order", str(root), "-o", str(out)])
-    assert _main(["data", "order", str(root), "-o", str(out), "--sort", "--force"]) == 0
+    with pytest.raises(UserError, match="exists \\(pass --overwrite"):
+        _main(["data", "order", str(root), "-o", str(out), "--sort"])
+    assert out.read_text().splitlines() == lines
+    assert _main(["data", "order", str(root), "-o", str(out), "--sort", "--overwrite"]) == 0
     assert out.read_text().splitlines() == sorted(lines)
+
+
+def test_order_force_still_overwrites_with_a_warning(corpus, tmp_path, capsys):
+    root, _ = corpus
+    out = tmp_path / "order.txt"
+    out.write_text("old\n")
+    assert cli_main(["data", "order", str(root), "-o", str(out), "--force"]) == 0
+    assert capsys.readouterr().err == "warning: --force is deprecated; use --overwrite\n"
+    assert out.read_text().splitlines() != ["old"]
 
 
 def test_order_default_output_is_in_the_folder(tmp_path, capsys):
@@ -76,10 +91,44 @@ def test_stats_counts(corpus, capsys):
     assert table[-1].split()[0] == "total" and table[-1].split()[4] == "-"
 
 
-def test_stats_reports_bad_lines(tmp_path):
+def test_stats_reports_bad_lines(tmp_path, capsys):
     write_synthetic_corpus(str(tmp_path), {"a/p": 20})
     raw = (tmp_path / "a" / "p.bin").read_bytes().split(b"\n")
     raw[4] = raw[4][:-3]
     (tmp_path / "a" / "p.bin").write_bytes(b"\n".join(raw))
-    with pytest.raises(ValueError, match=r"p\.bin:5 "):
-        _main(["data", "stats", str(tmp_path)])
+    for extra in ([], ["--no-cache"]):
+        assert cli_main(["data", "stats", str(tmp_path), *extra]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "p.bin:5 (" in err[0]
+
+
+def test_stats_counts_from_a_written_index_and_without_one(corpus, tmp_path):
+    root, summary = corpus
+    cached = dataset_statistics(str(root), 256, min_length=30, cache_dir=str(tmp_path))
+    assert len(os.listdir(tmp_path)) == len(FILES)  # one token index per file
+    again = dataset_statistics(str(root), 256, min_length=30, cache_dir=str(tmp_path))
+    direct = dataset_statistics(str(root), 256, min_length=30, cache_dir=False)
+    assert cached == again == direct
+    files = load_intern_repo_tokenized_dataset(str(root), min_length=30)
+    expected = sum(int(np.count_nonzero(read_samples(f.path, f.offsets, f.length) > 0))
+                   for f in files)
+    assert direct["total"]["supervised_tokens"] == expected < summary["supervised_tokens"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["stats", "{root}", "--packed-length", "-5"], "--packed-length must be > 0, got -5"),
+    (["stats", "{root}", "--packed-length", "0"], "--packed-length must be > 0, got 0"),
+    (["stats", "{root}", "--micro-bsz", "0"], "--micro-bsz must be > 0, got 0"),
+    (["stats", "{root}", "--min-length", "-1"], "--min-length must be >= 0, got -1"),
+    (["stats", "{root}/missing"], "dataset folder {root}/missing does not exist"),
+    (["order", "{root}/missing"], "dataset folder {root}/missing does not exist"),
+    (["stats", "{root}", "--data-order", "{root}/none.txt"],
+     "data_order_path {root}/none.txt does not exist"),
+    (["order", "{empty}"], "no '*.bin' files under {empty}"),
+])
+def test_bad_arguments_are_one_error_line(corpus, tmp_path, capsys, argv, message):
+    root, _ = corpus
+    fill = dict(root=str(root), empty=str(tmp_path))
+    code = cli_main(["data", *(a.format(**fill) for a in argv)])
+    err = capsys.readouterr().err
+    assert (code, err) == (2, f"error: {message.format(**fill)}\n")

@@ -43,12 +43,17 @@ def _ours(folder, packed_length, seed=1024, **load):
                                      **load), packed_length=packed_length, seed=seed)
 
 
+def _lists(item):
+    """An item with its arrays as lists (XTuner's packs hold lists)."""
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in item.items()}
+
+
 def _assert_same_packs(ours, xtuner):
     assert len(ours) == len(xtuner)
     for i in range(len(xtuner)):
         a, b = ours[i], xtuner[i]
-        assert list(a) == list(b) and a == b, f"pack {i} differs"
-        assert all(type(v) is int for v in itertools.chain(*a.values()))
+        assert all(isinstance(v, np.ndarray) and v.dtype == np.int64 for v in a.values())
+        assert list(a) == list(b) and _lists(a) == b, f"pack {i} differs"
 
 
 @pytest.mark.parametrize("packed_length, min_length, seed", [
@@ -100,7 +105,7 @@ def test_packs_xtuners_own_loaded_files(edge_corpus):
 
 def test_indexing_and_errors(edge_corpus):
     ds = _ours(edge_corpus, 256)
-    assert ds[-1] == ds[len(ds) - 1]
+    assert _lists(ds[-1]) == _lists(ds[len(ds) - 1])
     with pytest.raises(IndexError):
         ds[len(ds)]
     with pytest.raises(ValueError, match="label_alignment"):
@@ -113,17 +118,30 @@ def _build_small(folder, **options):
     return build_packed_dataset(load_intern_repo_tokenized_dataset(folder), 64, **options)
 
 
-def test_bad_line_fails_when_its_pack_is_read(tmp_path):
+def _corrupt_third_line(tmp_path):
     good = np.arange(1, 11)
     write_ftdp_file(str(tmp_path / "a.bin"), np.concatenate([good] * 4), [10] * 4)
     raw = (tmp_path / "a.bin").read_bytes().split(b"\n")
     raw[2] = raw[2].replace(b"[", b"(")
     (tmp_path / "a.bin").write_bytes(b"\n".join(raw))
-    ds = _ours(str(tmp_path), 10)  # builds: the meta is fine
+
+
+BAD_THIRD_LINE = r"a\.bin:3 \(byte offset \d+, meta row 2\): not a JSON line"
+
+
+def test_bad_line_fails_the_build(tmp_path):
+    _corrupt_third_line(tmp_path)
+    with pytest.raises(FtdpFormatError, match=BAD_THIRD_LINE):
+        _ours(str(tmp_path), 10)
+
+
+def test_bad_line_without_the_check_fails_when_its_pack_is_read(tmp_path):
+    _corrupt_third_line(tmp_path)
+    ds = build_packed_dataset(load_intern_repo_tokenized_dataset(str(tmp_path)), 10,
+                              check_lines=False)
     bad = [i for i in range(len(ds)) if _raises(ds, i)]
     assert len(bad) == 1
-    with pytest.raises(FtdpFormatError, match=r"a\.bin:3 \(byte offset \d+, meta row 2\): not a "
-                                              "JSON line"):
+    with pytest.raises(FtdpFormatError, match=BAD_THIRD_LINE):
         ds[bad[0]]
 
 
@@ -151,7 +169,7 @@ def hand_corpus(tmp_path):
 def test_hand_checked_labels(hand_corpus):
     # Stream: -1 -5 6 7 | -1 3 0 4 2 | 1 8 9, two packs of 5 (2 tokens dropped).
     xtuner = _build_small_len(hand_corpus, 5)
-    assert [xtuner[0], xtuner[1]] == [
+    assert [_lists(xtuner[0]), _lists(xtuner[1])] == [
         {"input_ids": [1, 5, 6, 7, 1], "cumulative_len": [0, 4, 5],
          "position_ids": [0, 1, 2, 3, 0], "labels": [-100, -100, 6, 7, -100]},
         {"input_ids": [3, 0, 4, 2, 1], "cumulative_len": [0, 4, 5],
@@ -159,10 +177,10 @@ def test_hand_checked_labels(hand_corpus):
     internevo = _build_small_len(hand_corpus, 5, label_alignment="internevo")
     assert internevo.labels_shifted and not xtuner.labels_shifted
     # A sample's last token: -100; a cut prefix's last token: the sample's next token.
-    assert [internevo[0]["labels"], internevo[1]["labels"]] == [[-100, 6, 7, -100, 3],
-                                                               [-100, 4, 2, -100, 8]]
+    assert [internevo[i]["labels"].tolist() for i in range(2)] == [[-100, 6, 7, -100, 3],
+                                                                  [-100, 4, 2, -100, 8]]
     for i in range(2):
-        shifted, plain = internevo[i], xtuner[i]
+        shifted, plain = _lists(internevo[i]), _lists(xtuner[i])
         assert shifted.pop("labels_shifted") is True and "labels_shifted" not in plain
         assert {k: v for k, v in shifted.items() if k != "labels"} == \
             {k: v for k, v in plain.items() if k != "labels"}
@@ -172,14 +190,14 @@ def test_hand_checked_micro_bsz(hand_corpus):
     # seq_len 2, micro_bsz 3: rows of 6 tokens, segments cut into windows of 2.
     ds = _build_small_len(hand_corpus, 2, micro_bsz=3, label_alignment="internevo")
     assert len(ds) == 2 and ds.row_length == 6
-    assert ds[0] == {"input_ids": [1, 5, 6, 7, 1, 3], "cumulative_len": [0, 2, 4, 6],
+    assert _lists(ds[0]) == {"input_ids": [1, 5, 6, 7, 1, 3], "cumulative_len": [0, 2, 4, 6],
                      "position_ids": [0, 1, 0, 1, 0, 1], "labels": [-100, 6, 7, -100, 3, -100],
                      "labels_shifted": True}
-    assert ds[1] == {"input_ids": [0, 4, 2, 1, 8, 9], "cumulative_len": [0, 2, 3, 5, 6],
+    assert _lists(ds[1]) == {"input_ids": [0, 4, 2, 1, 8, 9], "cumulative_len": [0, 2, 3, 5, 6],
                      "position_ids": [0, 1, 0, 0, 1, 0], "labels": [4, 2, -100, 8, 9, -100],
                      "labels_shifted": True}
     plain = _build_small_len(hand_corpus, 2, micro_bsz=3)
-    assert plain[1]["labels"] == [-100, 4, 2, 1, 8, 9]
+    assert plain[1]["labels"].tolist() == [-100, 4, 2, 1, 8, 9]
 
 
 def _build_small_len(folder, packed_length, **options):
@@ -244,7 +262,7 @@ def test_internevo_alignment_and_micro_bsz_match_internevo(tmp_path, seq_len, mi
     ours = build_packed_dataset(files, seq_len, label_alignment="internevo", micro_bsz=micro_bsz)
     assert len(ours) == len(expected) > 5
     for i, (tokens, labs, cu, idx) in enumerate(expected):
-        item = ours[i]
+        item = _lists(ours[i])
         assert item["input_ids"] == tokens
         assert item["labels"] == labs
         assert item["cumulative_len"] == cu
@@ -259,7 +277,7 @@ def test_micro_bsz_keeps_tokens_and_xtuner_labels(edge_corpus):
                                  micro_bsz=4)
     assert len(split) == len(wide)
     for i in range(len(wide)):
-        a, b = wide[i], split[i]
+        a, b = _lists(wide[i]), _lists(split[i])
         assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
         assert set(a["cumulative_len"]) <= set(b["cumulative_len"])
         assert np.diff(b["cumulative_len"]).max() <= 64
@@ -302,7 +320,7 @@ def _rank_main(rank, world, store, folder, results):
         cfg = dict(type=load_intern_repo_tokenized_dataset,
                    folder=folder if rank == 0 else folder + "-missing")
         ds = build_packed_dataset(cfg, 128, label_alignment="internevo")
-        results[rank] = (len(ds), [ds[i] for i in (0, len(ds) // 2, len(ds) - 1)])
+        results[rank] = (len(ds), [_lists(ds[i]) for i in (0, len(ds) // 2, len(ds) - 1)])
         bad = dict(type=load_intern_repo_tokenized_dataset, folder=folder + "-missing")
         try:
             build_packed_dataset(bad, 128)
@@ -328,7 +346,7 @@ def test_two_ranks_build_once_and_agree(edge_corpus, tmp_path):
     assert [p.exitcode for p in procs] == [0, 0], results
     single = build_packed_dataset(load_intern_repo_tokenized_dataset(edge_corpus), 128,
                                   label_alignment="internevo")
-    expected = (len(single), [single[i] for i in (0, len(single) // 2, len(single) - 1)])
+    expected = (len(single), [_lists(single[i]) for i in (0, len(single) // 2, len(single) - 1)])
     assert results[0] == results[1] == expected
     # A failure on rank 0 reaches every rank instead of leaving them waiting.
     assert "FileNotFoundError" in results["error0"]
@@ -344,4 +362,4 @@ def test_dataset_pickles_small(edge_corpus):
     assert len(blob) < 40 * ds.offsets.size + 200_000
     again = pickle.loads(blob)
     assert isinstance(again, PackedFtdpDataset)
-    assert [again[i] for i in range(3)] == [ds[i] for i in range(3)]
+    assert [_lists(again[i]) for i in range(3)] == [_lists(ds[i]) for i in range(3)]

@@ -20,155 +20,240 @@ What XTuner does, and therefore what this module does unless it says otherwise:
   skipped.
 
 Where XTuner would crash or silently produce wrong packs, this module raises
-:class:`FtdpFormatError` / ``FileNotFoundError`` naming the file and line instead.  Cheap
-checks (meta shape, offsets inside the file) run when a file is loaded; the line
-contents are checked when a sample is read.
+:class:`FtdpFormatError` / :class:`FtdpFileNotFoundError` (both
+:class:`~xtuner_patch.errors.UserError`) naming the file and line instead.  Cheap checks
+(meta shape, offsets inside the file) run when a file is loaded; the lines are checked
+when they are parsed: all of them when ``build_packed_dataset`` builds (see
+:mod:`.index`), or a pack's when it is read.
 """
 
-import json
 import mmap
 import os
 import warnings
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
+
+from ..errors import UserError
+from .lines import PAD, TOKEN_DTYPE, concat_ranges, parse_line_exact, scan_lines
 
 __all__ = [
     "FtdpDataWarning",
     "FtdpFile",
+    "FtdpFileNotFoundError",
     "FtdpFormatError",
+    "iter_file_tokens",
     "list_ftdp_files",
     "load_intern_repo_tokenized_dataset",
+    "read_meta",
     "read_samples",
     "write_ftdp_file",
 ]
 
 IGNORE_INDEX = -100
+_NEWLINE = 10
+_FILLER = ord("x")  # the scanner's padding: neither a digit nor whitespace
+# Bytes of lines scanned at once: the scanner's temporaries (~20 bytes per byte of text)
+# then stay in a core's cache; larger chunks are slower, smaller ones pay numpy's
+# per-call overhead.
+CHUNK_BYTES = 1 << 18
 
-# The fast path reads lines written as `{"tokens": [...]}` (json.dumps, or compact);
-# any line it cannot vouch for is re-read with json.loads, which is the authority.
-_PREFIX = np.frombuffer(b'{"tokens":', dtype=np.uint8)
-_SUFFIX = np.frombuffer(b"]}", dtype=np.uint8)
-_COMMA = ord(",")
 
-
-class FtdpFormatError(ValueError):
+class FtdpFormatError(ValueError, UserError):
     """Malformed ftdp data; the message names the file and the line or meta row."""
+
+
+class FtdpFileNotFoundError(FileNotFoundError, UserError):
+    """A dataset folder, data file, ``.bin.meta`` or data_order file that does not exist."""
 
 
 class FtdpDataWarning(UserWarning):
     """Data skipped where XTuner skips it silently (empty files, blank order lines)."""
 
 
-def _mmap(path: str, _cache: Dict[str, tuple] = {}) -> mmap.mmap:  # noqa: B006
-    """A read-only map of ``path``, kept per process (forked workers inherit it) and
-    replaced when the file changes (size or mtime)."""
+def _mmap(path: str, _cache: Dict[str, tuple] = {}) -> np.ndarray:  # noqa: B006
+    """``path``'s bytes (uint8) through a read-only map, kept per process (forked workers
+    inherit it) and replaced when the file changes (size or mtime)."""
     st = os.stat(path)
     key = (st.st_size, st.st_mtime_ns)
     cached = _cache.get(path)
     if cached is None or cached[0] != key:
-        with open(path, "rb") as f:
-            cached = (key, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        if st.st_size == 0:
+            data = np.zeros(0, dtype=np.uint8)
+        else:
+            with open(path, "rb") as f:
+                data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ),
+                                     dtype=np.uint8)
+        cached = (key, data)
         _cache[path] = cached
     return cached[1]
 
 
+class _FileBytes:
+    """A file's bytes as ``data[lo:hi]`` uint8 slices, read (not mapped): reading a whole
+    file front to back then leaves none of its pages in the process's memory."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "rb", buffering=0)
+        self._size = os.fstat(self._file.fileno()).st_size
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, span: slice) -> np.ndarray:
+        lo, hi = max(span.start or 0, 0), min(self._size, self._size if span.stop is None
+                                                 else span.stop)
+        out = np.empty(max(hi - lo, 0), dtype=np.uint8)
+        self._file.seek(lo)
+        self._file.readinto(out)
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _line_number(path: str, offset: int) -> int:
     """1-based line of byte ``offset`` in ``path`` (error messages only: scans the prefix)."""
-    buf = np.frombuffer(_mmap(path), dtype=np.uint8, count=offset)
+    buf = _mmap(path)[:offset]
     step = 1 << 26
-    return 1 + sum(int(np.count_nonzero(buf[i:i + step] == 10)) for i in range(0, offset, step))
+    return 1 + sum(int(np.count_nonzero(buf[i:i + step] == _NEWLINE))
+                   for i in range(0, offset, step))
 
 
-def _where(path: str, offset: int) -> str:
+def _where(path: str, offset: int, row: Optional[int] = None) -> str:
     """``file:line (byte offset, meta row)`` for an error message."""
-    meta_offsets = np.load(path + ".meta", mmap_mode="r")[:, 0]
-    rows = np.flatnonzero(meta_offsets == offset)
-    row = f"meta row {int(rows[0])}" if len(rows) else "no meta row"
-    return f"{path}:{_line_number(path, offset)} (byte offset {offset}, {row})"
+    if row is None:
+        meta_offsets = np.load(path + ".meta", mmap_mode="r")[:, 0]
+        rows = np.flatnonzero(meta_offsets == offset)
+        row = int(rows[0]) if len(rows) else None
+    which = "no meta row" if row is None else f"meta row {row}"
+    return f"{path}:{_line_number(path, offset)} (byte offset {offset}, {which})"
 
 
-def _read_line_exact(path: str, offset: int, expected: int) -> np.ndarray:
-    """Parse one line with ``json`` and check it; int64 ``[expected]`` or FtdpFormatError."""
-    mm = _mmap(path)
-    end = mm.find(b"\n", offset)
-    line = mm[offset:end if end >= 0 else len(mm)]
+def _line_ends(data: np.ndarray, offsets: np.ndarray, step: int = 1 << 20) -> np.ndarray:
+    """The newline ending each line that starts at ``offsets`` (sorted), or the file's
+    end; the file is searched in blocks of ``step`` bytes, skipping stretches no line needs."""
+    ends = np.empty(len(offsets), dtype=np.int64)
+    size, done, lo = len(data), 0, 0
+    while done < len(offsets):
+        lo = max(lo, int(offsets[done]))
+        hi = min(size, lo + step)
+        newlines = np.flatnonzero(data[lo:hi] == _NEWLINE) + lo
+        upto = len(offsets) if hi == size else \
+            done + int(np.searchsorted(offsets[done:], newlines[-1] if len(newlines) else -1,
+                                       side="right"))
+        found = np.searchsorted(newlines, offsets[done:upto])
+        ends[done:upto] = np.append(newlines, size)[found]
+        done, lo = upto, hi
+    return ends
+
+
+def _scan_rows(data, path, rows, offsets, ends, lengths, out, place) -> None:
+    """Parse the lines of ``rows`` (sorted by offset) from ``data`` into ``out`` at
+    ``place`` (each row's first token), chunk by chunk; raise on the first bad line."""
+    i = 0
+    buf = np.empty(CHUNK_BYTES + 2 * PAD, dtype=np.uint8)
+    while i < len(rows):
+        j = i + max(1, int(np.searchsorted(ends[i:], offsets[i] + CHUNK_BYTES, side="right")))
+        lo, hi = int(offsets[i]), int(ends[j - 1])
+        size = hi - lo
+        if len(buf) < size + 2 * PAD:
+            buf = np.empty(size + 2 * PAD, dtype=np.uint8)
+        work = buf[:size + 2 * PAD]
+        work[:PAD] = _FILLER
+        work[PAD:PAD + size] = data[lo:hi]
+        work[PAD + size:] = _FILLER
+        shift = PAD - lo
+        tokens, exact = scan_lines(work, offsets[i:j] + shift, ends[i:j] + shift, lengths[i:j])
+        _place(out, place[i:j], lengths[i:j], tokens)
+        for k in (exact + i).tolist():
+            out[place[k]:place[k] + lengths[k]] = _read_exact(
+                data, path, int(offsets[k]), int(ends[k]), int(lengths[k]), int(rows[k]))
+        i = j
+
+
+def _place(out, place, lengths, tokens) -> None:
+    """``tokens`` (the rows' tokens back to back) into ``out`` at each row's ``place``."""
+    if len(place) and int(place[-1] - place[0] + lengths[-1]) == len(tokens) and \
+            (np.diff(place) == lengths[:-1]).all():
+        out[place[0]:place[0] + len(tokens)] = tokens
+        return
+    out[concat_ranges(place, lengths)] = tokens
+
+
+def _read_exact(data, path, offset, end, expected, row) -> np.ndarray:
     try:
-        obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FtdpFormatError(
-            f"{_where(path, offset)}: not a JSON line ({exc}): {line[:120]!r}") from None
-    tokens = obj.get("tokens") if isinstance(obj, dict) else None
-    if not isinstance(tokens, list):
-        raise FtdpFormatError(
-            f'{_where(path, offset)}: no "tokens" list in the line: {line[:120]!r}')
-    if not all(type(t) is int for t in tokens):
-        raise FtdpFormatError(f'{_where(path, offset)}: "tokens" holds non-integers')
-    if len(tokens) != expected:
-        raise FtdpFormatError(
-            f"{_where(path, offset)}: the line has {len(tokens)} tokens but {path}.meta "
-            f"says {expected}")
-    return np.array(tokens, dtype=np.int64)
-
-
-def _read_fast(mm: mmap.mmap, offsets: np.ndarray, lengths: np.ndarray) -> Optional[np.ndarray]:
-    """``read_samples`` for well-formed lines, vectorised over the lines; None otherwise."""
-    find, size = mm.find, len(mm)
-    ends = np.array([find(b"\n", o) for o in offsets.tolist()], dtype=np.int64)
-    ends[ends < 0] = size
-    data = np.frombuffer(mm, dtype=np.uint8)
-    head = data[np.minimum(offsets[:, None] + np.arange(12), size - 1)]
-    spaced = head[:, 10] == ord(" ")
-    opens = offsets + 10 + spaced
-    if not ((ends - opens >= 3).all()
-            and (head[:, :10] == _PREFIX).all()
-            and (head[np.arange(len(head)), 10 + spaced] == ord("[")).all()
-            and (data[ends[:, None] - np.array([2, 1])] == _SUFFIX).all()):
-        return None
-    nonempty = lengths > 0
-    text_len = ends - 2 - (opens + 1)
-    if text_len[~nonempty].any():
-        return None
-    text = b",".join([mm[a + 1:b - 2] for a, b in zip(opens[nonempty].tolist(),
-                                                       ends[nonempty].tolist())])
-    try:
-        tokens = np.fromstring(text, dtype=np.int64, sep=",")
-    except ValueError:
-        return None
-    if len(tokens) != int(lengths.sum()):
-        return None
-    # Same total: check each line's own count (commas + 1) against its meta length.
-    stops = np.cumsum(text_len[nonempty] + 1) - 1
-    commas = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == _COMMA)
-    per_line = np.diff(np.searchsorted(commas, stops), prepend=0)
-    per_line[1:] -= 1  # the joining comma before each later line
-    if not np.array_equal(per_line + 1, lengths[nonempty]):
-        return None
-    # fromstring reads an empty or "-" field as 0: make sure every field had a digit.
-    if not tokens.all():
-        raw = np.frombuffer(text, dtype=np.uint8)
-        digit = (raw >= ord("0")) & (raw <= ord("9"))
-        if np.count_nonzero(digit[1:] & ~digit[:-1]) + int(digit[:1].sum()) != len(tokens):
-            return None
-    return tokens
+        return parse_line_exact(data[offset:end].tobytes(), expected)
+    except ValueError as exc:
+        raise FtdpFormatError(f"{_where(path, offset, row)}: {exc}") from None
 
 
 def read_samples(path: str, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The tokens (signs as stored) of the samples at ``offsets``, concatenated.
 
-    ``offsets``/``lengths``: int64 ``[k]`` byte offsets and meta token counts.  Returns
-    int64 ``[lengths.sum()]``.  Raises FtdpFormatError naming the file and line when a
-    line is not JSON, has no ``tokens`` list, or its token count differs from the meta.
+    ``offsets``/``lengths``: int64 ``[k]`` byte offsets and meta token counts, any order.
+    Returns int64 ``[lengths.sum()]``.  Raises FtdpFormatError naming the file and line
+    when a line is not JSON, has no ``tokens`` list of integers, or its token count
+    differs from the meta.
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     lengths = np.asarray(lengths, dtype=np.int64)
-    if not len(offsets):
-        return np.zeros(0, dtype=np.int64)
-    tokens = _read_fast(_mmap(path), offsets, lengths)
-    if tokens is None:
-        tokens = np.concatenate([_read_line_exact(path, o, n)
-                                 for o, n in zip(offsets.tolist(), lengths.tolist())])
-    return tokens
+    out = np.empty(int(lengths.sum()), dtype=TOKEN_DTYPE)
+    if len(offsets):
+        data = _mmap(path)
+        order = np.argsort(offsets, kind="stable")
+        place = (np.cumsum(lengths) - lengths)[order]
+        sorted_offsets = offsets[order]
+        ends = _line_ends(data, sorted_offsets)
+        _gather_scan(data, path, sorted_offsets, ends, lengths[order], out, place)
+    return out.astype(np.int64)
+
+
+def _gather_scan(data, path, offsets, ends, lengths, out, place) -> None:
+    """Scan lines scattered through a file: copied next to each other, then one scan."""
+    sizes = ends - offsets
+    starts = np.cumsum(sizes + 1) - (sizes + 1) + PAD
+    work = np.full(int(sizes.sum() + len(sizes)) + 2 * PAD, _FILLER, dtype=np.uint8)
+    for o, e, s in zip(offsets.tolist(), ends.tolist(), starts.tolist()):
+        work[s:s + e - o] = data[o:e]
+    tokens, exact = scan_lines(work, starts, starts + sizes, lengths)
+    _place(out, place, lengths, tokens)
+    for k in exact.tolist():
+        out[place[k]:place[k] + lengths[k]] = _read_exact(
+            data, path, int(offsets[k]), int(ends[k]), int(lengths[k]), None)
+
+
+def iter_file_tokens(path: str, meta_offsets: np.ndarray, meta_lengths: np.ndarray,
+                     rows_per_block: int = 1 << 16) -> Iterator[Tuple[int, int, np.ndarray]]:
+    """Every meta row's tokens, in meta order: yields ``(first_row, stop_row, tokens)`` per
+    block of rows, ``tokens`` :data:`~.lines.TOKEN_DTYPE` (the block's rows back to back).
+
+    Reads the file front to back in chunks of :data:`CHUNK_BYTES` whatever the meta's
+    order; raises FtdpFormatError at the first bad line (file, line, meta row).
+    """
+    offsets = np.asarray(meta_offsets, dtype=np.int64)
+    lengths = np.asarray(meta_lengths, dtype=np.int64)
+    data = _FileBytes(path)
+    try:
+        yield from _file_blocks(data, path, offsets, lengths, rows_per_block)
+    finally:
+        data.close()
+
+
+def _file_blocks(data, path, offsets, lengths, rows_per_block):
+    for lo in range(0, len(offsets), rows_per_block):
+        block = slice(lo, lo + rows_per_block)
+        rows = np.arange(lo, min(lo + rows_per_block, len(offsets)))
+        off, n = offsets[block], lengths[block]
+        order = np.argsort(off, kind="stable") if (np.diff(off) < 0).any() else None
+        if order is not None:
+            rows, off, n = rows[order], off[order], n[order]
+        out = np.empty(int(n.sum()), dtype=TOKEN_DTYPE)
+        place = np.cumsum(lengths[block]) - lengths[block]
+        if order is not None:
+            place = place[order]
+        _scan_rows(data, path, rows, off, _line_ends(data, off), n, out, place)
+        yield lo, lo + len(off), out
 
 
 class FtdpFile:
@@ -176,19 +261,21 @@ class FtdpFile:
 
     Attributes (named as on XTuner's ``JsonlDataset``): ``path`` (str), ``offsets`` and
     ``length`` (int64 ``[n]``: byte offset and token count of each kept sample, meta order),
-    ``rel_path`` (path relative to the dataset folder, ``/``-separated, or None),
-    ``num_rows`` (meta rows before the filter).
+    ``rows`` (int64 ``[n]``: each kept sample's meta row), ``rel_path`` (path relative to
+    the dataset folder, ``/``-separated, or None), ``num_rows`` (meta rows before the filter).
     ``ds[i]`` is XTuner's ``JsonlDataset`` item without the line's extra keys:
     ``{"input_ids": list[int], "labels": list[int], "length": int}``.
     """
 
     def __init__(self, path: str, offsets: np.ndarray, length: np.ndarray,
-                 rel_path: Optional[str] = None, num_rows: Optional[int] = None):
+                 rel_path: Optional[str] = None, num_rows: Optional[int] = None,
+                 rows: Optional[np.ndarray] = None):
         self.path = path
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.length = np.asarray(length, dtype=np.int64)
         self.rel_path = rel_path
         self.num_rows = len(self.offsets) if num_rows is None else num_rows
+        self.rows = np.arange(len(self.offsets)) if rows is None else np.asarray(rows, np.int64)
 
     @classmethod
     def load(cls, path: str, min_length: int = 0, rel_path: Optional[str] = None,
@@ -199,33 +286,18 @@ class FtdpFile:
         """
         meta_path = path + ".meta"
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{origin}{path} does not exist")
+            raise FtdpFileNotFoundError(f"{origin}{path} does not exist")
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(
+            raise FtdpFileNotFoundError(
                 f"{origin}{meta_path} not found: every .bin needs its .bin.meta "
                 "(numpy-saved (N, 2) [byte offset, token count])")
-        try:
-            meta = np.load(meta_path, mmap_mode="r")
-        except Exception as exc:  # noqa: BLE001 - any failure means "not a numpy array file"
-            raise FtdpFormatError(f"{meta_path}: not a numpy .npy array ({exc})") from None
-        if meta.ndim != 2 or meta.shape[1] < 2 or meta.dtype.kind not in "iu":
-            raise FtdpFormatError(
-                f"{meta_path}: expected an integer array of shape (N, 2), got "
-                f"{meta.dtype} {meta.shape}")
-        offsets = np.array(meta[:, 0], dtype=np.int64)
-        length = np.array(meta[:, -1], dtype=np.int64)
-        size = os.path.getsize(path)
-        bad = np.flatnonzero((offsets < 0) | (offsets >= size) | (length < 0))
-        if len(bad):
-            row = int(bad[0])
-            raise FtdpFormatError(
-                f"{meta_path}: row {row} [offset {offsets[row]}, length {length[row]}] points "
-                f"outside {path} ({size} bytes); {len(bad)} bad row(s) in all")
+        offsets, length = read_meta(path)
         num_rows = len(offsets)
+        rows = None
         if min_length > 0:
-            keep = length >= min_length
-            offsets, length = offsets[keep], length[keep]
-        return cls(path, offsets, length, rel_path, num_rows)
+            rows = np.flatnonzero(length >= min_length)
+            offsets, length = offsets[rows], length[rows]
+        return cls(path, offsets, length, rel_path, num_rows, rows)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -238,6 +310,49 @@ class FtdpFile:
                 "length": len(tokens)}
 
 
+def read_meta(path: str) -> Tuple[np.ndarray, np.ndarray]:
+    """``(offsets, lengths)`` (int64 ``[N]``) of every row of ``path + '.meta'``, checked
+    against ``path``: offsets inside the file, lengths not negative; a ``.bin`` cut short
+    (rows past its end) is reported with the row whose line was cut."""
+    meta_path = path + ".meta"
+    try:
+        meta = np.load(meta_path, mmap_mode="r")
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a numpy array file"
+        raise FtdpFormatError(f"{meta_path}: not a numpy .npy array ({exc})") from None
+    if meta.ndim != 2 or meta.shape[1] < 2 or meta.dtype.kind not in "iu":
+        raise FtdpFormatError(
+            f"{meta_path}: expected an integer array of shape (N, 2), got "
+            f"{meta.dtype} {meta.shape}")
+    offsets = np.array(meta[:, 0], dtype=np.int64)
+    length = np.array(meta[:, -1], dtype=np.int64)
+    size = os.path.getsize(path)
+    bad = np.flatnonzero((offsets < 0) | (offsets >= size) | (length < 0))
+    if len(bad):
+        row = int(bad[0])
+        message = (f"{meta_path}: row {row} [offset {offsets[row]}, length {length[row]}] "
+                   f"points outside {path} ({size} bytes); {len(bad)} bad row(s) in all")
+        past = offsets >= size
+        if past.any() and not (offsets < 0).any():
+            message += "; " + _truncation(path, offsets, past, size)
+        raise FtdpFormatError(message)
+    return offsets, length
+
+
+def _truncation(path: str, offsets: np.ndarray, past: np.ndarray, size: int) -> str:
+    """What a ``.bin`` shorter than its meta says about where it was cut."""
+    inside = np.flatnonzero(~past)
+    if not len(inside):
+        return f"{path} holds none of the meta's lines (truncated or the wrong file?)"
+    row = int(inside[np.argmax(offsets[inside])])
+    start = int(offsets[row])
+    data = _mmap(path)
+    if data[size - 1] == _NEWLINE:
+        return (f"{path} ends after a complete line: truncated at a line boundary, after "
+                f"line {_line_number(path, size) - 1} (meta row {row})")
+    return (f"{path} is truncated: meta row {row}'s line ({path}:{_line_number(path, start)}) "
+            f"is cut {size - start} bytes after its start")
+
+
 def _rel(folder: str, path: str) -> str:
     return os.path.relpath(path, folder).replace(os.sep, "/")
 
@@ -245,7 +360,7 @@ def _rel(folder: str, path: str) -> str:
 def _read_data_order(folder: str, data_order_path: str) -> List[tuple]:
     """``[(path, rel_path, origin)]`` from a data_order file; blank lines skipped."""
     if not os.path.isfile(data_order_path):
-        raise FileNotFoundError(f"data_order_path {data_order_path} does not exist")
+        raise FtdpFileNotFoundError(f"data_order_path {data_order_path} does not exist")
     with open(data_order_path, encoding="utf-8") as f:
         lines = [line.rstrip("\n") for line in f]
     entries, blank = [], []
@@ -269,7 +384,7 @@ def list_ftdp_files(folder: str, data_order_path: Optional[str] = None,
 
 def _ordered_entries(folder, data_order_path, file_type):
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"dataset folder {folder} does not exist")
+        raise FtdpFileNotFoundError(f"dataset folder {folder} does not exist")
     if data_order_path is not None:
         return _read_data_order(folder, data_order_path)
     entries = []

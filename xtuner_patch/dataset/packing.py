@@ -36,24 +36,38 @@ Options beyond XTuner (keyword-only, defaults keep XTuner's items):
 ``dataset_weights``
     Mixing ratios; see :mod:`xtuner_patch.dataset.mixing`.
 
-Items: ``input_ids``, ``labels``, ``position_ids`` (list[int] ``[R]``, ``R =
-packed_length * micro_bsz``) and ``cumulative_len`` (list[int] ``[S + 1]``, from 0 to
-``R``), in XTuner's key order; plus ``labels_shifted`` with ``label_alignment='internevo'``.
+``check_lines`` / ``cache_dir``
+    Every line of every file is parsed once when the dataset is built (rank 0), so a
+    bad line fails the build, naming file and line, instead of the training step that
+    reaches its pack; the tokens are kept as a token index per file in ``cache_dir``
+    (see :mod:`xtuner_patch.dataset.index`), which later builds reuse and packs are read
+    from.  ``check_lines=False`` skips the parse (an index already there is still
+    used): lines are then checked when their pack is read.  ``cache_dir=False`` keeps
+    no index: lines are checked at build, then parsed again per pack.
 
-Multi-rank: rank 0 builds, the dataset (numpy arrays, 16 bytes per sample) is broadcast
+Items: ``input_ids``, ``labels``, ``position_ids`` (int64 arrays ``[R]``, ``R =
+packed_length * micro_bsz``) and ``cumulative_len`` (int64 array ``[S + 1]``, from 0 to
+``R``), in XTuner's key order; plus ``labels_shifted`` with ``label_alignment='internevo'``.
+XTuner's packs hold the same numbers as lists; its ``default_collate_fn`` makes the same
+tensors from either (``torch.LongTensor`` / ``torch.IntTensor`` of each), and from arrays
+without a Python int per token.
+
+Multi-rank: rank 0 builds, the dataset (numpy arrays, 24 bytes per sample) is broadcast
 to the other ranks with ``broadcast_object_list``, as XTuner does; an error on rank 0
 is raised on every rank instead of leaving the others waiting.
 """
 
-import itertools
 import operator
-from typing import Mapping, Optional, Sequence
+import warnings
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import distributed as dist
 
-from .ftdp import IGNORE_INDEX, FtdpFile, read_samples
+from .ftdp import IGNORE_INDEX, FtdpDataWarning, FtdpFile, FtdpFormatError, read_meta, read_samples
+from .index import ensure_index, open_index
+from .lines import concat_ranges
 from .mixing import weighted_pack_index
 
 __all__ = ["LABEL_ALIGNMENTS", "PackedFtdpDataset", "build_packed_dataset"]
@@ -65,15 +79,18 @@ class PackedFtdpDataset(torch.utils.data.Dataset):
     """Packs of the samples of ``files`` (see the module docstring for the items).
 
     State, all numpy (what crosses ranks): ``offsets`` int64 ``[S]`` byte offset of every
-    sample, each file's samples in shuffled order, files concatenated; ``bounds`` int64
-    ``[S + 1]`` where each sample's tokens start in that stream (the last entry: the total);
-    ``file_samples`` / ``file_packs`` int64 ``[F + 1]`` where each file's samples / packs
-    start; ``index`` int64 ``[N]`` (the pack of each item, with ``dataset_weights``) or None.
+    sample, each file's samples in shuffled order, files concatenated; ``token_starts``
+    int64 ``[S]`` where each sample's tokens start in its file's token index; ``bounds``
+    int64 ``[S + 1]`` where each sample's tokens start in the packed stream (the last
+    entry: the total); ``file_samples`` / ``file_packs`` int64 ``[F + 1]`` where each
+    file's samples / packs start; ``index`` int64 ``[N]`` (the pack of each item, with
+    ``dataset_weights``) or None; ``index_paths`` (per file, its token index or None).
     """
 
     def __init__(self, files: Sequence[FtdpFile], packed_length: int = 8192, seed: int = 1024,
                  *, label_alignment: str = "xtuner", micro_bsz: int = 1,
-                 dataset_weights: Optional[Mapping[str, float]] = None):
+                 dataset_weights: Optional[Mapping[str, float]] = None,
+                 check_lines: bool = True, cache_dir: Union[str, bool, None] = None):
         if label_alignment not in LABEL_ALIGNMENTS:
             raise ValueError(f"label_alignment must be one of {LABEL_ALIGNMENTS}, "
                              f"got {label_alignment!r}")
@@ -86,18 +103,20 @@ class PackedFtdpDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.label_alignment = label_alignment
         self.labels_shifted = label_alignment == "internevo"
-        # Shared by every item: slicing a list beats creating the ints again.
-        self._positions = list(range(self.packed_length))
         self.paths = [f.path for f in files]
         self.rel_paths = [f.rel_path for f in files]
+        self.index_paths = [ensure_index(f.path, cache_dir, check_lines) for f in files]
 
-        offsets, lengths = [], []
+        offsets, lengths, starts = [], [], []
         for f in files:
             order = np.arange(len(f.length))
             np.random.RandomState(seed).shuffle(order)
             offsets.append(f.offsets[order])
             lengths.append(f.length[order])
+            row_lengths = read_meta(f.path)[1]
+            starts.append((np.cumsum(row_lengths) - row_lengths)[f.rows[order]])
         self.offsets = np.concatenate(offsets) if files else np.zeros(0, np.int64)
+        self.token_starts = np.concatenate(starts) if files else np.zeros(0, np.int64)
         self.bounds = np.cumsum(np.concatenate([[0], *lengths]))
         self.file_samples = np.cumsum([0] + [len(o) for o in offsets])
         file_tokens = np.diff(self.bounds[self.file_samples])
@@ -114,7 +133,6 @@ class PackedFtdpDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return int(self.file_packs[-1]) if self.index is None else len(self.index)
-
     def pack_span(self, pack: int):
         """``(file, first, first_token, last, stop_token)`` of global pack ``pack``.
 
@@ -143,30 +161,64 @@ class PackedFtdpDataset(torch.utils.data.Dataset):
         pack = int(self.index[item]) if self.index is not None else item
         f, first, first_token, last, stop_token = self.pack_span(pack)
         lengths = np.diff(self.bounds[first:last + 2])
-        tokens = read_samples(self.paths[f], self.offsets[first:last + 1], lengths)
-        start, stop = first_token, len(tokens) - int(lengths[-1]) + stop_token
-        segments = lengths.copy()
-        segments[-1] = stop_token
-        segments[0] -= first_token
+        # The pack holds tokens [skip, skip + take) of each of its samples.
+        take = lengths.copy()
+        take[-1] = stop_token
+        take[0] -= first_token
+        skip = np.zeros_like(take)
+        skip[0] = first_token
+        # InternEvo's alignment labels a cut sample's last token in the pack with the
+        # sample's next token: read one more.
+        cut = bool(stop_token < lengths[-1])
+        more = take.copy()
+        more[-1] += self.labels_shifted and cut
+        tokens = self._read(f, first, last, lengths, skip, more)
 
+        row = self.row_length
         if self.labels_shifted:
-            labels = np.empty_like(tokens)
-            labels[:-1] = tokens[1:]
-            labels[np.cumsum(lengths)[lengths > 0] - 1] = IGNORE_INDEX
-            labels = labels[start:stop]
+            labels = np.empty(row, dtype=np.int64)
+            labels[:-1] = tokens[1:row]
+            labels[-1] = tokens[row] if cut else 0
+            ends = np.cumsum(take) - 1
+            ends_sample = take > 0
+            ends_sample[-1] &= not cut
+            labels[ends[ends_sample]] = 0  # no next token in the sample: no target
         else:
-            labels = tokens[start:stop]
-        windows = _split_windows(segments, self.packed_length).tolist()
-        positions, upto = [], self._positions
-        for w in windows:
-            positions += upto[:w]
-        out = {"input_ids": np.abs(tokens[start:stop]).tolist(),
-               "cumulative_len": [0, *itertools.accumulate(windows)],
-               "position_ids": positions,
-               "labels": np.where(labels > 0, labels, IGNORE_INDEX).tolist()}
+            labels = tokens[:row]
+        windows = take if self.micro_bsz == 1 else _split_windows(take, self.packed_length)
+        cumulative = np.zeros(len(windows) + 1, dtype=np.int64)
+        np.cumsum(windows, out=cumulative[1:])
+        out = {"input_ids": np.abs(tokens[:row]),
+               "cumulative_len": cumulative,
+               "position_ids": np.arange(row) - np.repeat(cumulative[:-1], windows),
+               "labels": np.where(labels > 0, labels, IGNORE_INDEX)}
         if self.labels_shifted:
             out["labels_shifted"] = True
         return out
+
+    def _read(self, f, first, last, lengths, skip, take) -> np.ndarray:
+        """int64 tokens ``[skip, skip + take)`` of samples ``first..last`` of file ``f``,
+        back to back: from the token index, else parsed from the ``.bin``."""
+        path = self.index_paths[f]
+        index = None if path is None else open_index(path)
+        if index is not None:
+            starts = self.token_starts[first:last + 1] + skip
+            return index[concat_ranges(starts, take)].astype(np.int64)
+        if path is not None:
+            _warn_missing_index(path)
+        whole = read_samples(self.paths[f], self.offsets[first:last + 1], lengths)
+        return whole[concat_ranges(np.cumsum(lengths) - lengths + skip, take)]
+
+
+_MISSING_INDEXES = set()  # per process: warned once
+
+
+def _warn_missing_index(path: str) -> None:
+    if not _MISSING_INDEXES:
+        warnings.warn(f"token index {path} not found on this machine (is cache_dir shared "
+                      "by every node?): packs are parsed from the .bin files when read",
+                      FtdpDataWarning, stacklevel=3)
+    _MISSING_INDEXES.add(path)
 
 
 def _split_windows(segments: np.ndarray, window: int) -> np.ndarray:
@@ -192,12 +244,26 @@ def _as_files(datasets) -> list:
         if isinstance(ds, FtdpFile):
             files.append(ds)
         elif all(hasattr(ds, a) for a in ("path", "offsets", "length")):
-            files.append(FtdpFile(str(ds.path), ds.offsets, ds.length))
+            files.append(_foreign_file(str(ds.path), ds.offsets, ds.length))
         else:
             raise TypeError(
                 f"build_packed_dataset needs ftdp files (from load_intern_repo_tokenized_dataset"
                 f"), got {type(ds).__name__}")
     return files
+
+
+def _foreign_file(path, offsets, length) -> FtdpFile:
+    """An FtdpFile for samples another loader kept (XTuner's ``min_length`` filter): each
+    sample's meta row found by its offset."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    length = np.asarray(length, dtype=np.int64)
+    meta_offsets, meta_lengths = read_meta(path)
+    sorter = np.argsort(meta_offsets, kind="stable")
+    at = np.minimum(np.searchsorted(meta_offsets[sorter], offsets), len(sorter) - 1)
+    rows = sorter[at] if len(sorter) else at
+    if len(rows) and not ((meta_offsets[rows] == offsets) & (meta_lengths[rows] == length)).all():
+        raise FtdpFormatError(f"{path}: samples given that {path}.meta does not list")
+    return FtdpFile(path, offsets, length, num_rows=len(meta_offsets), rows=rows)
 
 
 def _build_rank0(dataset_cfg, packed_length, seed, options) -> PackedFtdpDataset:
@@ -210,7 +276,8 @@ def _build_rank0(dataset_cfg, packed_length, seed, options) -> PackedFtdpDataset
 
 def build_packed_dataset(dataset_cfg, packed_length: int = 8192, seed: int = 1024, *,
                          label_alignment: str = "xtuner", micro_bsz: int = 1,
-                         dataset_weights: Optional[Mapping[str, float]] = None
+                         dataset_weights: Optional[Mapping[str, float]] = None,
+                         check_lines: bool = True, cache_dir: Union[str, bool, None] = None
                          ) -> PackedFtdpDataset:
     """Drop-in for XTuner's ``build_packed_dataset`` (same arguments and items).
 
@@ -219,7 +286,7 @@ def build_packed_dataset(dataset_cfg, packed_length: int = 8192, seed: int = 102
     returns.  Keyword options are described in the module docstring.
     """
     options = dict(label_alignment=label_alignment, micro_bsz=micro_bsz,
-                   dataset_weights=dataset_weights)
+                   dataset_weights=dataset_weights, check_lines=check_lines, cache_dir=cache_dir)
     if not (dist.is_available() and dist.is_initialized()):
         return _build_rank0(dataset_cfg, packed_length, seed, options)
     shared = [None]

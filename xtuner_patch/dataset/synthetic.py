@@ -60,3 +60,32 @@ def write_synthetic_corpus(root: str, files: Mapping[str, Union[int, Tuple[int, 
         summary["tokens"] += len(tokens)
         summary["supervised_tokens"] += int(np.count_nonzero(tokens > 0))
     return summary
+
+
+# How each line shape is made from json.dumps' line (``{"tokens": [1, -2]}``): byte
+# replacements, applied in order.  Other keys hold the characters that could fool a
+# scanner: quotes, brackets, "tokens" inside strings, digits, nested objects.
+LINE_SHAPES = {
+    "dumps": [],
+    "compact": [(b", ", b","), (b'{"tokens": [', b'{"tokens":[')],
+    "key_after": [(b"]}\n", b'], "id": 12, "text": "a \\"tokens\\": [1, 2] ] {", "n": -3.5}\n')],
+    "key_before": [(b'{"tokens": [', b'{"meta": {"source": "web", "tokens_seen": [7, 8]}, '
+                                       b'"ok": true, "tokens": [')],
+    "spaced": [(b", ", b" ,\t"), (b'{"tokens": [', b'{ "tokens" :\t[ '), (b"]}\n", b" ] } \r\n")],
+}
+
+
+def rewrite_lines(bin_path: str, shape: str) -> None:
+    """Rewrite a ``.bin`` written by ``write_ftdp_file`` in another valid line ``shape``
+    (a key of :data:`LINE_SHAPES`), with its meta's offsets (same dtype) updated."""
+    with open(bin_path, "rb") as f:
+        data = f.read()
+    for old, new in LINE_SHAPES[shape]:
+        data = data.replace(old, new)
+    with open(bin_path, "wb") as f:
+        f.write(data)
+    meta = np.load(bin_path + ".meta")
+    ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+    meta[:, 0] = np.concatenate([[0], ends[:-1] + 1])[:len(meta)]
+    with open(bin_path + ".meta", "wb") as f:
+        np.save(f, meta)

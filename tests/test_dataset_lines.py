@@ -1,0 +1,141 @@
+"""Parsing ftdp lines: every valid line shape gives XTuner's packs on the vectorised path,
+odd but valid lines json's tokens, and every malformed line an error naming file and line,
+at build time."""
+
+import json
+
+import numpy as np
+import pytest
+
+from xtuner_patch.dataset import (FtdpFile, FtdpFormatError, build_packed_dataset,
+                                  load_intern_repo_tokenized_dataset, read_samples)
+from xtuner_patch.dataset import ftdp
+from xtuner_patch.dataset.synthetic import LINE_SHAPES, rewrite_lines, write_synthetic_corpus
+
+intern_repo = pytest.importorskip("xtuner.dataset.intern_repo")
+pytestmark = pytest.mark.filterwarnings("ignore::xtuner_patch.dataset.FtdpDataWarning")
+
+FILES = {"cn/p0": (70, "int32"), "en/p0": 90, "en/p1": (40, "int32")}
+
+
+def _shaped_corpus(root, shape):
+    summary = write_synthetic_corpus(str(root), FILES, seed=8, median_length=30, max_length=300,
+                                     long_length=700, zero_length=0.1, zero_token=0.03)
+    for path in summary["files"]:
+        rewrite_lines(path, shape)
+    return str(root)
+
+
+def _no_exact_reads(monkeypatch):
+    def refuse(line, expected):
+        raise AssertionError(f"a valid line took the exact path: {line[:80]!r}")
+    monkeypatch.setattr(ftdp, "parse_line_exact", refuse)
+
+
+@pytest.mark.parametrize("shape", sorted(LINE_SHAPES))
+@pytest.mark.parametrize("packed_length", [64, 300])
+def test_every_line_shape_packs_as_xtuner_on_the_fast_path(tmp_path, monkeypatch, shape,
+                                                          packed_length):
+    from tests.test_dataset_packing import _assert_same_packs
+
+    folder = _shaped_corpus(tmp_path / shape, shape)
+    xtuner = intern_repo.build_packed_dataset(
+        dict(type=intern_repo.load_intern_repo_tokenized_dataset, folder=folder),
+        packed_length=packed_length)
+    _no_exact_reads(monkeypatch)
+    for cache_dir in (str(tmp_path / "index"), False):  # from the index, and parsed per pack
+        ours = build_packed_dataset(load_intern_repo_tokenized_dataset(folder), packed_length,
+                                    cache_dir=cache_dir)
+        _assert_same_packs(ours, xtuner)
+
+
+def _write_lines(path, lines, lengths):
+    data = b"".join(line + b"\n" for line in lines)
+    offsets = np.cumsum([0] + [len(line) + 1 for line in lines])[:-1]
+    with open(path, "wb") as f:
+        f.write(data)
+    with open(path + ".meta", "wb") as f:
+        np.save(f, np.stack([offsets, lengths], 1))
+
+
+ODD_VALID = [
+    b'{"tokens": [ ]}', b'{"tokens":[-0]}', b'{"tokens": [2147483647, -2147483647]}',
+    b'{"tokens": [1, 2], "tokens2": [3]}', b'{"m": {"tokens": [9]}, "tokens": [1, 2]}',
+    b'{"\\u0074okens": [5, 6]}', b'{"tokens": [7], "tokens": [8, 9]}',
+    b'{"t": "\\u00e9\\"]", "tokens": [1]}', '{"t": "\u00e9\u4e2d", "tokens": [4]}'.encode(),
+    b'\t{"tokens": [3]}  ', b'{"tokens": [1\t,\r2]}', b'{"tokens": [123456789, -1234567890]}',
+]
+
+
+def test_odd_valid_lines_read_as_json_reads_them(tmp_path):
+    path = str(tmp_path / "odd.bin")
+    expected = [json.loads(line)["tokens"] for line in ODD_VALID]
+    _write_lines(path, ODD_VALID, [len(t) for t in expected])
+    f = FtdpFile.load(path)
+    assert read_samples(path, f.offsets, f.length).tolist() == sum(expected, [])
+    from xtuner_patch.dataset.index import ensure_index, open_index
+
+    index = open_index(ensure_index(path, str(tmp_path / "index")))
+    assert index.tolist() == sum(expected, [])
+
+
+BAD = [
+    (b'{"tokens": [4, 5', "not a JSON line"),
+    (b'{"tokens": [4 5]}', "not a JSON line"),
+    (b'{"tokens": [4,, 5]}', "not a JSON line"),
+    (b'{"tokens": [4, 5,]}', "not a JSON line"),
+    (b'{"tokens": [, 4, 5]}', "not a JSON line"),
+    (b'{"tokens": [04, 5]}', "not a JSON line"),
+    (b'{"tokens": [4, - 5]}', "not a JSON line"),
+    (b'{"tokens": [4, --5]}', "not a JSON line"),
+    (b'{"tokens": [4, 5-]}', "not a JSON line"),
+    (b'{"tokens": [4, 5]} x', "not a JSON line"),
+    (b'{"tokens": [4, 5]}}', "not a JSON line"),
+    (b'{"tokens": [4, 5], "id": }', "not a JSON line"),
+    (b'{"tokens": [4, 5], "t": "\xff"}', "not a JSON line"),
+    (b'{"tokens": [4, 5]', "not a JSON line"),
+    (b'{"tokens": [4, 5.0]}', '"tokens" holds non-integers'),
+    (b'{"tokens": [4, 5e0]}', '"tokens" holds non-integers'),
+    (b'{"tokens": [4, true]}', '"tokens" holds non-integers'),
+    (b'{"tokens": [4, "5"]}', '"tokens" holds non-integers'),
+    (b'{"tokens": [4, 2147483648]}', '"tokens" holds ids beyond int32'),
+    (b'{"a": {"tokens": [4, 5]}}', 'no "tokens" list'),
+    (b'[{"tokens": [4, 5]}]', 'no "tokens" list'),
+    (b'{"tokens": "4, 5"}', 'no "tokens" list'),
+    (b'{"tokens": [4, 5, 6]}', "the line has 3 tokens but the meta says 2"),
+    (b'{"tokens": [4], "tokens": [4, 5, 6]}', "the line has 3 tokens but the meta says 2"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD)
+def test_bad_line_fails_the_build_naming_file_and_line(tmp_path, line, message):
+    (tmp_path / "d").mkdir()
+    path = str(tmp_path / "d" / "bad.bin")
+    good = b'{"id": 1, "tokens": [1, 2]}'
+    _write_lines(path, [b'{"tokens": [1, 2]}', good, line, good] * 3, [2] * 12)
+    with pytest.raises(FtdpFormatError, match=rf"bad\.bin:3 \(byte offset 47, meta row 2\): "
+                                              rf"{message}"):
+        build_packed_dataset(load_intern_repo_tokenized_dataset(str(tmp_path / "d")), 4,
+                             cache_dir=str(tmp_path / "index"))
+    with pytest.raises(FtdpFormatError, match=r"bad\.bin:3 "):
+        build_packed_dataset(load_intern_repo_tokenized_dataset(str(tmp_path / "d")), 4,
+                             cache_dir=False)
+    assert not (tmp_path / "index").exists() or not list((tmp_path / "index").iterdir())
+
+
+@pytest.mark.parametrize("cut", ["mid-line", "line boundary"])
+def test_truncated_bin_names_the_cut_row(tmp_path, cut):
+    path = str(tmp_path / "t.bin")
+    lines = [b'{"tokens": [%d, 2, 3]}' % i for i in range(10, 16)]
+    _write_lines(path, lines, [3] * 6)
+    data = open(path, "rb").read()
+    keep = data.index(lines[3]) + (9 if cut == "mid-line" else 0)
+    open(path, "wb").write(data[:keep])
+    if cut == "mid-line":
+        message = (r"row 4 \[.*2 bad row\(s\) in all; .*t\.bin is truncated: meta row 3's "
+                   r"line \(.*t\.bin:4\) is cut 9 bytes after its start")
+    else:
+        message = (r"row 3 \[.*3 bad row\(s\) in all; .*t\.bin ends after a complete line: "
+                   r"truncated at a line boundary, after line 3 \(meta row 2\)")
+    with pytest.raises(FtdpFormatError, match=message):
+        FtdpFile.load(path)
