@@ -8,9 +8,12 @@ CPU shims (on machines without CUDA), the resume fix of :mod:`.torch_compat` and
 :func:`xtuner_patch.patch`, then runs
 XTuner's unmodified ``main()``.  ``XTUNER_PATCH=0`` runs XTuner's stock path (shims
 only), for side-by-side comparisons.  Unlike ``xtuner train`` it returns the
-training's exit status.
+training's exit status, and it starts a single ``--deepspeed`` process through torchrun
+as well: DeepSpeed's ``init_distributed`` finds no rank environment in a bare process
+and falls back to MPI discovery, which needs mpi4py.
 """
 
+import importlib
 import os
 import random
 import subprocess
@@ -46,13 +49,22 @@ def _uses_slurm(args: List[str]) -> bool:
     return False
 
 
-def launch(args: List[str]) -> int:
-    """Start training with XTuner's process layout; returns the exit status."""
+def _uses_deepspeed(args: List[str]) -> bool:
+    return any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in args)
+
+
+def launch(args: List[str], rank_module: str = "xtuner_patch.launch") -> int:
+    """Start training with XTuner's process layout; returns the exit status.
+
+    ``rank_module``: the module each rank runs (``python -m rank_module ARGS`` under
+    torchrun, its ``rank_main(ARGS)`` in this process otherwise).
+    """
     nnodes = int(os.environ.get("NNODES", 1))
     nproc_per_node = int(os.environ.get("NPROC_PER_NODE", 1))
-    if _uses_slurm(args) or (nnodes == 1 and nproc_per_node == 1):
+    single = nnodes == 1 and nproc_per_node == 1 and not _uses_deepspeed(args)
+    if _uses_slurm(args) or single:
         # One process per task (srun starts the tasks) or a plain single process.
-        rank_main(args)
+        importlib.import_module(rank_module).rank_main(args)
         return 0
     port = os.environ.get("PORT") or str(random.randint(20000, 29999))
     cmd = [sys.executable, "-m", "torch.distributed.run",
@@ -61,7 +73,7 @@ def launch(args: List[str]) -> int:
            f"--nproc_per_node={nproc_per_node}",
            f"--master_addr={os.environ.get('ADDR', '127.0.0.1')}",
            f"--master_port={port}",
-           "-m", "xtuner_patch.launch", *args, "--launcher", "pytorch"]
+           "-m", rank_module, *args, "--launcher", "pytorch"]
     return subprocess.call(cmd)
 
 
