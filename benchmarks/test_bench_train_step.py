@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import HAS_CUDA, OURS, measure, skip_missing
+from benchmarks.stock import use_fa2_in_xtuner
 from benchmarks.workloads import packed_lengths
 
 if HAS_CUDA:
@@ -44,40 +45,6 @@ else:
     STOCK = "xtuner-stock-reference-attn"
     DEVICE, DTYPE, DTYPE_NAME, TOKENS = "cpu", torch.float32, "fp32", 256
     MODELS = {"internlm2-tiny": ("tiny", {})}
-
-
-def _stock_varlen_attention():
-    """The flash_attn_varlen_func XTuner's path gets here, or why there is none."""
-    if not HAS_CUDA:
-        from kernels.reference import varlen_attn_reference
-
-        def reference(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale=None):
-            out = varlen_attn_reference(q, k, v, cu_q, cu_k, softmax_scale, causal)[0]
-            return out.to(q.dtype)
-        return reference, ""
-    from tests.baselines import fa2_unavailable_reason, fa2_varlen
-
-    return fa2_varlen, fa2_unavailable_reason()
-
-
-def _stock_fa2_available():
-    """Make XTuner's varlen attention module call an FA2 kernel; '' or why it cannot."""
-    fa2_varlen, reason = _stock_varlen_attention()
-    if reason:
-        return reason
-    import xtuner.model.modules.dispatch as dispatch
-    import xtuner.model.modules.dispatch.attention as attention
-    import xtuner.model.modules.dispatch.internlm2 as internlm2
-
-    if not attention.SUPPORT_FLASH2:
-        def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None,
-                                   dropout_p=0.0, causal=True, **_unused):
-            return fa2_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, softmax_scale)
-
-        attention.flash_attn_varlen_func = flash_attn_varlen_func
-        for module in (attention, internlm2, dispatch):
-            module.SUPPORT_FLASH2 = True
-    return ""
 
 
 def _model(preset: str, overrides: dict):
@@ -149,7 +116,7 @@ def test_train_step(benchmark, one_rank_group, model_name, impl):
     import xtuner_patch
 
     if impl == STOCK:
-        reason = _stock_fa2_available()
+        reason = use_fa2_in_xtuner()
         if reason:
             skip_missing(STOCK, reason)
         xtuner_patch.unpatch()
