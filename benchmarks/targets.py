@@ -106,6 +106,14 @@ TARGETS = [
     Target(19, "ftdp_epoch", "speed-up over XTuner", speedup_over("xtuner"), 10.0, True),
     Target(19, "ftdp_epoch", "tokens/s", recorded("tokens_per_s"), 25e6, True),
     Target(19, "ftdp_epoch", "peak memory / XTuner's", memory_share_of("xtuner"), 1.0, False),
+    # #17: the user's `xtuner-patch train`, per precision set-up (benchmarks/e2e_train.py).
+    Target(17, "e2e_train", "largest relative loss difference to XTuner's stock path, "
+           "first 5 steps", recorded("loss_rel_diff_vs_stock"), 0.02, False),
+    Target(17, "e2e_train", "slowest step after the second / median step",
+           recorded("max_over_median"), 1.3, False),
+    Target(17, "e2e_train", "tokens/s over XTuner's stock path", speedup_over(STOCK), 1.0, True),
+    Target(17, "e2e_train", "peak memory / XTuner's stock path", memory_share_of(STOCK), 1.0,
+           False),
 ]
 
 
