@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The stamp changes with the pins, so editing them re-runs the install.
-STAMP := $(VENV)/.installed-$(shell (cat requirements/ci.txt requirements/ci-lock.txt pyproject.toml; grep ^BITSANDBYTES Makefile) | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell (cat requirements/ci.txt requirements/ci-lock.txt pyproject.toml; grep -E '^(BITSANDBYTES|DEEPSPEED) ' Makefile) | sha1sum | cut -c1-12)
 # A regular (not editable) install: editable installs do not get xtuner-patch.pth,
 # the auto-import behind `XTUNER_PATCH=1 xtuner train`.  Reinstalled when sources change.
 PKG_STAMP := $(VENV)/.package-installed
@@ -13,6 +13,7 @@ PKG_SOURCES := $(shell find kernels xtuner_patch -name '*.py') setup.py pyprojec
 	xtuner-patch.pth _xtuner_patch_autoload.py
 DEMO := .cache/demo
 BITSANDBYTES := 0.45.5
+DEEPSPEED := 0.19.6
 
 .PHONY: venv demo test bench compile-check gpu-check gpu-wheels clean
 
@@ -22,7 +23,7 @@ $(STAMP): requirements/ci.txt requirements/ci-lock.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements/ci.txt -c requirements/ci-lock.txt
 	# deepspeed builds from source; with no ops compiled it needs only torch, installed above.
-	DS_BUILD_OPS=0 $(PY) -m pip install -q "deepspeed==0.19.6" -c requirements/ci-lock.txt
+	DS_BUILD_OPS=0 $(PY) -m pip install -q "deepspeed==$(DEEPSPEED)" -c requirements/ci-lock.txt
 	# xtuner 0.2.0 pins bitsandbytes 0.45.0, which imports triton.ops (gone since triton
 	# 3.2): PEFT then cannot build a LoRA layer.  0.45.5 imports; same API.
 	$(PY) -m pip install -q --no-deps "bitsandbytes==$(BITSANDBYTES)"
@@ -59,12 +60,14 @@ compile-check: $(PKG_STAMP)
 gpu-check:
 	bash scripts/gpu_check.sh
 
-# Here, before a GPU run: the pure-Python packages the GPU host lacks, as cp312 wheels.
-gpu-wheels:
+# Here, before a GPU run: the packages the GPU host lacks, as cp312 wheels, and a
+# DeepSpeed wheel built without compiled ops (PyPI has its source only).
+gpu-wheels: $(STAMP)
 	mkdir -p .whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 -d .whl -r requirements/gpu-wheels.txt
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation "deepspeed==$(DEEPSPEED)" -w .whl
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .benchmarks

@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The project's GPU check (`make gpu-check`), for the GPU test host: system python3
-# with torch + triton, no network.  It
-#   1. installs the wheels in .whl/ (see `make gpu-wheels`) into a private folder,
-#   2. runs the `gpu`-marked tests (bf16, large shapes),
-#   3. runs the GPU benchmarks, one JSON per family, and writes
-#      benchmarks/results/<gpu-name>/ (results.md, bench-*.json, plots, logs),
-#   4. runs the other kernel and model tests on the GPU while time is left.
-# Exit status: non-zero when a test or a benchmark failed or a step ran out of time.
-# Time: GPU_CHECK_BUDGET (default 450 s) for all steps together; per-step limits
-# GPU_TEST_TIMEOUT, BENCH_TIMEOUT (per family), KERNEL_TEST_TIMEOUT (0 skips a step); BENCH_FAMILIES and
-# BENCH_FILTER (a pytest -k expression) narrow the benchmarks for a short run.  The CPU-only
-# data-pipeline benchmark is not run here (`make bench` runs everything).  If $OUT is set (the device tool), a
+# with torch + triton, no network.  It installs the wheels in .whl/ (see `make
+# gpu-wheels`) into a private folder, then runs the parts named in GPU_CHECK_PARTS, in
+# that order (default: all of them; each fits well under 8 minutes on an H200):
+#   tests       the `gpu`-marked tests (bf16, large shapes)
+#   e2e         the user's `xtuner-patch train` vs XTuner's stock path in three precision
+#               set-ups (benchmarks/e2e_train.py)
+#   kernels     the kernel and training-step benchmarks with their peers
+#               (BENCH_FAMILIES narrows them, BENCH_FILTER is a pytest -k expression)
+#   attention   the varlen attention benchmark
+#   kernel-tests the other kernel and model tests on the GPU while time is left
+# and writes benchmarks/results/<gpu-name>/ (results.md and targets.md over every
+# bench-*.json there, plots, logs).  Exit status: non-zero when a test or a benchmark
+# failed or a step ran out of time.  Time: GPU_CHECK_BUDGET (default 450 s) for all
+# steps together; per-step limits GPU_TEST_TIMEOUT, E2E_TIMEOUT, BENCH_TIMEOUT (per
+# family), KERNEL_TEST_TIMEOUT (0 skips a step).  If $OUT is set (the device tool), a
 # tarball of the results folder and its key files are copied there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,32 +69,50 @@ run_step() {  # name limit command...: runs within both its own limit and what i
   [ "$rc" = 0 ] || status=1
 }
 
-run_step gpu-tests "${GPU_TEST_TIMEOUT:-150}" \
-  "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$RESULTS/gpu-tests.xml"
-# One pytest run (and JSON file) per benchmark family, most important first (the whole
-# training step, then attention, then the other kernel families), so that a
-# family cut by the time limit does not take the others' time.
+run_benchmarks() {  # families...: one pytest run (and JSON file) per family
+  local family
+  for family in "$@"; do
+    run_step "bench-$family" "${BENCH_TIMEOUT:-150}" \
+      "$PY" -m pytest "benchmarks/test_bench_$family.py" --benchmark-only -q -p no:cacheprovider \
+      ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-json="$RESULTS/bench-$family.json"
+    # A family stopped before its first case leaves an empty file: not a result.
+    [ -s "$RESULTS/bench-$family.json" ] || rm -f "$RESULTS/bench-$family.json"
+  done
+}
+
 export XTUNER_PATCH_PROFILE_DIR=$RESULTS  # the training step's per-operator profiles
-for family in ${BENCH_FAMILIES:-train_step varlen_attention cross_entropy swiglu sequence_parallel rms_norm rotary}; do
-  run_step "bench-$family" "${BENCH_TIMEOUT:-150}" \
-    "$PY" -m pytest "benchmarks/test_bench_$family.py" --benchmark-only -q -p no:cacheprovider \
-    ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-json="$RESULTS/bench-$family.json"
-  # A family stopped before its first case leaves an empty file: not a result.
-  [ -s "$RESULTS/bench-$family.json" ] || rm -f "$RESULTS/bench-$family.json"
+for part in ${GPU_CHECK_PARTS:-tests e2e kernels attention kernel-tests}; do
+  case $part in
+    tests)
+      run_step gpu-tests "${GPU_TEST_TIMEOUT:-150}" \
+        "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$RESULTS/gpu-tests.xml" ;;
+    e2e)
+      run_step e2e-train "${E2E_TIMEOUT:-420}" "$PY" -m benchmarks.e2e_train --out "$RESULTS" \
+        --work "${TMPDIR:-/tmp}/xtuner-patch-e2e" ${E2E_ARGS:-} ;;
+    kernels)
+      # The whole training step first, then the kernel families.
+      run_benchmarks ${BENCH_FAMILIES:-train_step cross_entropy swiglu sequence_parallel rms_norm rotary} ;;
+    attention)
+      run_benchmarks varlen_attention ;;
+    kernel-tests)
+      # Many small shapes: one tuning config per kernel keeps compile time down.
+      run_step kernel-tests "${KERNEL_TEST_TIMEOUT:-90}" env XTUNER_PATCH_AUTOTUNE=0 \
+        "$PY" -m pytest tests/test_varlen_attention.py tests/test_rms_norm.py tests/test_rotary.py \
+        tests/test_internlm2_patch.py tests/test_compile_once.py -m "not gpu" -q -x -p no:cacheprovider ;;
+    *)
+      echo "gpu-check: unknown part '$part' (tests e2e kernels attention kernel-tests)" >&2
+      status=1 ;;
+  esac
 done
 JSONS=$(ls "$RESULTS"/bench-*.json 2>/dev/null)
 if [ -n "$JSONS" ]; then
   "$PY" -m benchmarks.report $JSONS --out "$RESULTS" --title "xtuner-patch benchmarks on $GPU" \
     || status=1
 fi
-# Many small shapes: one tuning config per kernel keeps compile time down.
-run_step kernel-tests "${KERNEL_TEST_TIMEOUT:-90}" env XTUNER_PATCH_AUTOTUNE=0 \
-  "$PY" -m pytest tests/test_varlen_attention.py tests/test_rms_norm.py tests/test_rotary.py \
-  tests/test_internlm2_patch.py -m "not gpu" -q -x -p no:cacheprovider
 
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/results.tar.gz" "$RESULTS"
-  for f in results.md targets.md environment.txt gpu-tests.log kernel-tests.log; do
+  for f in results.md targets.md environment.txt gpu-tests.log kernel-tests.log e2e_train.md; do
     [ -f "$RESULTS/$f" ] && cp "$RESULTS/$f" "$OUT/"
   done
 fi
