@@ -17,6 +17,9 @@ import triton
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
+# The floating-point dtypes every kernel takes.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def autotune_configs(gpu_configs: Sequence[triton.Config],
                      interpreter_config: triton.Config) -> list:

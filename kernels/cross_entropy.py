@@ -6,67 +6,21 @@ For hidden states ``h`` ``[N, H]``, the head's weight ``W`` ``[V, H]`` and int64
     loss_i = logsumexp_j (h_i . W_j) - h_i . W_{t_i}        (rows with t_i != ignore_index)
     loss   = sum_i loss_i / n_valid   ('mean')   or   sum_i loss_i   ('sum')
 
-Tokens are processed in chunks of ``chunk_size`` rows.  Per chunk, in the forward pass:
+Tokens go in chunks: per chunk one matrix product into a reused ``[chunk, V]`` logits
+buffer (rounded to the compute dtype, as Hugging Face's logits are), a Triton kernel
+for the log-sum-exp, the loss and, in place, the logits' gradient, then the gradients of
+``h`` and ``W``: every gradient is finished when the forward pass returns, and backward
+only scales them (once).  The weight gradient is summed over chunks in an fp32
+accumulator (``'accumulate'``) or recomputed per vocabulary slice from the stored
+log-sum-exp (``'recompute'``, no ``V x H`` accumulator); ``'auto'`` picks by token
+count.  A low-rank addend ``a @ b.T`` (a LoRA adapter on the head) joins every product.
 
-1. ``logits = h_c @ W.T`` by ``torch.mm`` into one ``[chunk, V]`` buffer reused by every
-   chunk: fp32 accumulation, rounded to the input dtype - the very logits Hugging Face's
-   InternLM2 computes before its ``.float()``;
-2. a Triton kernel, one program per row: log-sum-exp in fp32 (running max and sum over
-   blocks of the vocabulary), the row's loss, and then, overwriting the logits, the
-   gradient of the loss with respect to them, ``(softmax - onehot(t)) * scale`` (``scale``
-   is ``1 / n_valid`` for 'mean'), rounded to the input dtype as Hugging Face's
-   ``.float()`` backward rounds it; ignored rows get a zero gradient and are not read;
-3. ``grad_h_c = dlogits @ W``, and for the weight gradient one of two modes:
-
-   - ``'accumulate'``: ``grad_W += dlogits.T @ h_c``.  With more than one chunk the sum
-     runs in an fp32 accumulator ``V x H``, rounded to the weight's dtype after the last
-     chunk; with a single chunk the product is written directly.  A half-precision
-     chunk's product goes into the accumulator inside the matrix product (``addmm`` with
-     an fp32 ``out_dtype``, CUDA) or, where torch cannot do that, from fp32 copies of
-     its operands in slices of :data:`GRAD_WEIGHT_SLICE` vocabulary rows, so no second
-     ``V x H`` temporary exists; fp32 products go in with ``addmm_``.
-     Three matrix products in all, but ``4 * V * H`` bytes (1.5 GB at InternLM2-7B's head).
-   - ``'recompute'``: the forward pass keeps each row's log-sum-exp, then walks the
-     vocabulary in slices of ``V_s`` rows: ``logits_s = h @ W_s.T`` for every token (into
-     the same buffer), the same kernel turns them into their gradient from the stored
-     log-sum-exp, and ``grad_W_s = dlogits_s.T @ h`` is one product over all tokens
-     (cuBLAS accumulates in fp32 and rounds once), written into its rows of ``grad_W``.
-     Four matrix products, no accumulator, and chunks of at most
-     :data:`RECOMPUTE_CHUNK_TOKENS`.
-
-   ``'auto'`` accumulates when the accumulator is small next to the logits of the call
-   (``tokens >= 8 * H``, so at most an eighth of their fp32 size), and recomputes below
-   that: there the accumulator would be most of the memory the loss needs (at
-   InternLM2-7B's head, accumulation from 32k tokens per call).  With a frozen weight
-   (LoRA) there is no ``V x H`` accumulator to spare: ``'auto'`` accumulates.
-
-So the gradients are finished when the forward pass returns; backward only multiplies
-them (in place) by the incoming gradient, and can therefore run once per forward.
-Memory beyond the inputs: the logits buffer (``chunk x V`` in the input dtype), the
-gradient of the hidden states (``N x H``), the weight gradient, and the accumulator of
-the 'accumulate' mode.  Nothing is saved for the backward pass but the gradients.
-
-A low-rank addend ``a @ b.T`` (``a`` ``[N, r]``, ``b`` ``[V, r]``: a LoRA adapter on the
-head) joins every logits product as a second term (``addmm`` into the same buffer, after
-the base head's product is rounded, as Hugging Face + PEFT round it) and gets its
-gradients from the same ``dlogits``: ``grad_a = dlogits @ b``, ``grad_b = dlogits.T @ a``
-(summed over chunks like ``grad_W``, in a ``V x r`` accumulator).
-
-Dtypes.  The logits are computed in one "compute dtype": ``hidden``'s, or the autocast
-dtype under ``torch.autocast`` (as the head's ``F.linear`` is); the operands are cast to
-it inside the function, so each input's gradient comes back in its own dtype and an fp32
-weight (mixed-precision training) gets its fp32 accumulator as its gradient, never
-rounded to half precision.  A low-rank pair of another dtype (an fp32 LoRA adapter on a
-half-precision head) is cast too.  In fp16, ``dlogits`` is tiny (``softmax / n_valid``)
-and would flush to zero where Hugging Face's loss, scaled by the AMP loss scale before
-its backward, keeps it: the forward therefore writes ``dlogits`` times a power of two
-that brings its largest possible magnitude to :data:`FP16_GRAD_BOUND`, sums every weight
-gradient in fp32 (no fp16 product over many tokens, which could overflow), and the
-backward pass divides the power of two out again (exactly) when it applies the incoming
-gradient; the weight gradients are rounded to their dtype only then.
-
-Targets are checked on the host (one synchronisation per call): a target outside
-``[0, V)`` that is not ``ignore_index`` raises ``ValueError`` instead of a device assert.
+Dtypes: the logits are computed in ``hidden``'s dtype, or autocast's under
+``torch.autocast``; operands are cast inside, so each gradient comes back in its
+input's dtype (an fp32 master weight gets its fp32 accumulator).  In fp16 the logits'
+gradient is scaled by a power of two before it is rounded and unscaled in the backward
+(:data:`FP16_GRAD_BOUND`), so that AMP's loss scale finds the softmax tail Hugging
+Face's path keeps.  Design and memory budget: ``docs/design.md``.
 """
 
 import functools
@@ -78,10 +32,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels._runtime import check_tensor
+from kernels._runtime import FLOAT_DTYPES, check_tensor
 from kernels.reference.cross_entropy import REDUCTIONS, shift_targets
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Default tokens per chunk.  Every chunk after the first reads and writes the fp32
 # weight-gradient accumulator (about 12 * V * H bytes with the half-precision temporary),

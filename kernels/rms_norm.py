@@ -1,7 +1,5 @@
 """RMSNorm with the numerics of InternLM2's ``InternLM2RMSNorm``, optionally fused with
-the residual add that precedes it in every decoder layer.
-
-Forward (one program per tile of ``BLOCK_M`` rows, a whole row per tile)::
+the residual add that precedes it in every decoder layer::
 
     s    = x + residual            (in fp32, rounded to s's dtype; only with a residual)
     rstd = rsqrt(mean(s**2) + eps)  (fp32)
@@ -11,13 +9,8 @@ Mixed dtypes follow PyTorch's promotion, as the unfused ops do under ``torch.aut
 (where, with fp32 weights, the residual stream stays fp32 while the attention output is
 half precision): ``s`` is ``promote_types(x, residual)``, the output
 ``promote_types(s, weight)``; each input's gradient comes back in its own dtype.  No
-part of RMSNorm is cast by autocast, so running under it changes nothing.
-
-Backward runs a fixed number of programs, each over a fixed contiguous chunk of rows:
-it writes the input gradient row by row and accumulates its chunk's weight gradient in
-fp32 registers, then stores it as one row of a ``[programs, hidden]`` fp32 buffer; the
-rows are summed by ``torch.sum`` afterwards.  No atomics, so the weight gradient is
-bitwise reproducible for a given shape and device.
+part of RMSNorm is cast by autocast.  The weight gradient is deterministic (fixed-order
+sums, no atomics).  Design: ``docs/design.md``.
 """
 
 from typing import Optional, Tuple, Union
@@ -26,10 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import as_rows, check_tensor, multiprocessor_count
+from kernels._runtime import FLOAT_DTYPES, as_rows, check_tensor, multiprocessor_count
 from kernels.reference.norm import rms_norm_reference
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Rows wider than this would need more registers per program than a GPU has; such
 # rows go to the PyTorch reference instead.

@@ -10,27 +10,11 @@ Layouts (last dimension contiguous, other strides free):
   view ``qkv[..., :G, :]`` of InternLM2's fused ``wqkv`` output
   ``[batch, seq, kv_heads, G + 2, d]`` (use ``batch = 1`` for packed tokens).
 
-Rotation layouts: ``neox`` (default) rotates the pairs ``(i, i + d/2)`` like
-``rotate_half`` in Hugging Face's InternLM2; ``interleaved`` the pairs ``(2i, 2i + 1)``.
-
-Numerics follow ``InternLM2RotaryEmbedding`` + ``apply_rotary_pos_emb``: the angle is
-``(float(position) / position_divisor) * inv_freq`` in fp32 (IEEE division and product,
-as PyTorch does), cos and sin are taken in fp32 and rounded to the dtype of the tensor
-they rotate, like Hugging Face's ``cos.to(x.dtype)``.  q and k may differ in dtype
-(each is rotated in its own; autocast casts none of these ops), and ``inv_freq`` is
-read as fp32 whatever its dtype, as Hugging Face's ``inv_freq.float()`` reads it after
-a model-wide cast.  The two products and the sum are then done in fp32
-and rounded once, where Hugging Face rounds each of the three to the input dtype.
-
-``tl.sin``/``tl.cos`` may lower to the GPU's fast approximations, which are accurate
-only near zero, while angles reach ~1e5 radians at 128k positions; the kernel first
-subtracts the nearest multiple of 2*pi (a three-part Cody-Waite reduction whose
-products are exact below 2**16 turns, about 4e5 radians), so cos/sin agree with
-PyTorch's to a few 1e-7 (checked at 128k positions on an H100).
-
-One program handles ``BLOCK_T`` tokens: it computes (or loads) their cos/sin once and
-rotates every q and k head of those tokens.  The backward pass is the inverse rotation
-(``sin`` negated) by the same kernel.
+``neox`` (default) rotates the pairs ``(i, i + d/2)`` like InternLM2's ``rotate_half``;
+``interleaved`` the pairs ``(2i, 2i + 1)``.  Numerics follow ``InternLM2RotaryEmbedding``
++ ``apply_rotary_pos_emb``: angles in fp32, cos/sin rounded to the dtype of the tensor
+they rotate; q and k may differ in dtype; ``inv_freq`` is read as fp32 whatever its
+dtype.  Accurate to 128k positions (range-reduced angles).  Design: ``docs/design.md``.
 """
 
 from typing import NamedTuple, Optional, Sequence, Tuple
@@ -39,9 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_cu_seqlens, check_tensor
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from kernels._runtime import FLOAT_DTYPES, check_cu_seqlens, check_tensor
 
 # 2*pi = _TWO_PI_A + _TWO_PI_B + _TWO_PI_C (to 2e-13).  A and B have 8 significant
 # bits, so turns * A and turns * B are exact fp32 products for |turns| < 2**16.

@@ -1,42 +1,22 @@
 """Layouts around the two all-to-alls of sequence-parallel (Ulysses) attention.
 
-Each of ``sp`` ranks holds ``tokens`` consecutive tokens of every sequence and all
-heads: ``q`` ``[tokens, hq, d]``, ``k``/``v`` ``[tokens, hkv, d]``.  Attention needs the
-whole sequence for a subset of heads, so one ``all_to_all_single`` moves heads to
-ranks, and a second one brings the attention output back.  The buffers exchanged are
-one flat tensor each: chunk ``r`` (sent to, or received from, rank ``r``) is
-``[tokens, width_r, d]`` contiguous, where ``width_r`` counts rank ``r``'s query heads
-followed by its kv slots of K and then of V (no kv slots for the attention output).
+Each of ``sp`` ranks holds ``tokens`` consecutive tokens of every sequence and all heads:
+``q`` ``[tokens, hq, d]``, ``k``/``v`` ``[tokens, hkv, d]``.  The buffers exchanged are one
+flat tensor each: chunk ``r`` (sent to, or received from, rank ``r``) is ``[tokens,
+width_r, d]`` contiguous, ``width_r`` counting rank ``r``'s query heads, then its kv
+slots of K, then of V (no kv slots for the attention output).
 
-:func:`split_heads` decides which heads each rank gets.  Query heads are split in
-consecutive, balanced ranges (uneven when ``hq % sp != 0``: ranks differ by at most
-one head, and ranks past ``hq`` get none).  A rank's kv slots are the fewest K/V heads
-for which local query head ``i`` reads slot ``i // (q_r / kv_r)``, the layout our
-varlen attention takes (query head ``g * G + j`` uses kv head ``g``).  When
-``hkv % sp == 0`` these are rank ``r``'s own kv heads ``[r * hkv / sp, (r + 1) * hkv / sp)``,
-each sent once; otherwise a kv head is sent to every rank that needs it, repeated
-only as much as the GQA mapping requires (e.g. one kv head per rank for ``hkv < sp``).
+- :func:`split_heads`: which heads each rank attends over (kv heads sent once when
+  ``hkv % sp == 0``, balanced uneven splits otherwise);
+- :func:`pack_heads` / :func:`unpack_heads`: strided q/k/v to a send buffer and back
+  (summing repeated kv slots: the adjoint);
+- :func:`pack_qkv_rotary` / :func:`unpack_qkv_rotary`: the send buffer straight from
+  InternLM2's ``wqkv`` output, split and rotated by the RoPE kernel, and its backward;
+- :func:`pack_linear_input_grad`: the output projection's input-gradient GEMMs writing
+  the backward exchange's send buffer.
 
-:func:`pack_heads` writes a send buffer from strided ``q``/``k``/``v``;
-:func:`unpack_heads` reads one back into ``[tokens, h, d]`` tensors, summing the kv
-slots that carry the same head, so it is also the adjoint of :func:`pack_heads` (its
-backward).  On the receiving side, the buffer of the sequence-to-heads exchange is
-``[sp, tokens, width, d]``: for one packed row it is already the ``[sp * tokens, width,
-d]`` token-major layout attention reads, as strided views, with no copy; likewise
-the attention output ``[sp * tokens, q_r, d]`` is the send buffer of the reverse
-exchange as it is.  The process group and collective are the caller's.
-
-When every kv head goes to exactly one rank (``hkv % sp == 0``), :func:`pack_qkv_rotary`
-writes the send buffer straight from InternLM2's fused ``wqkv`` output, split and
-rotated on the way by the RoPE kernel of :mod:`kernels.rotary` (no intermediate q/k/v;
-for one packed row, one launch covers every rank), and :func:`unpack_qkv_rotary` is its
-backward: the inverse rotation from a gradient buffer into the gradient of ``wqkv``'s
-output.  On the way back, :func:`pack_linear_input_grad` lets the GEMM of the output
-projection's input gradient write the send buffer of the backward exchange itself.
-
-One Triton kernel does every other transform, driven by a small per-split table of
-``(tensor, head) <- (rank chunk, slot)`` entries; one program moves ``BLOCK_T`` tokens
-of one head.  Sums of repeated kv slots run in fp32 in a fixed order (deterministic).
+The process group and collective are the caller's (:mod:`kernels.sequence_parallel`).
+Deterministic (fixed-order fp32 sums).  Design: ``docs/design.md``.
 """
 
 import functools
@@ -48,10 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import check_tensor
+from kernels._runtime import FLOAT_DTYPES, check_tensor
 from kernels.rotary import check_split_qkv_rotary, launch_rotary
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # A table row: (tensor: 0 q, 1 k, 2 v; head) then, per slot holding that head, (heads
 # before the slot's chunk in the buffer, i.e. its offset in units of tokens * d; the

@@ -1,25 +1,12 @@
 """SwiGLU gate ``silu(a) * b`` (InternLM2MLP's ``act_fn(w1(x)) * w3(x)``), forward and backward.
 
-Forward, elementwise in fp32, rounded once to the input dtype::
-
-    y = a * sigmoid(a) * b
-
-Backward recomputes ``sigmoid(a)`` from the saved inputs instead of keeping ``silu(a)``:
-autograd through PyTorch's ops keeps ``a``, ``silu(a)`` and ``b`` for the backward of
-every MLP, this keeps ``a`` and ``b``::
-
-    da = dy * b * sigmoid(a) * (1 + a * (1 - sigmoid(a)))
-    db = dy * a * sigmoid(a)
-
-Hugging Face rounds ``silu(a)`` to the input dtype before the product; this kernel rounds
-only the result, so in fp16 / bf16 it is slightly closer to the exact value.
-
-Mixed dtypes follow PyTorch's promotion (``silu(a) * b`` has dtype ``promote_types(a, b)``;
-autocast casts neither op): the output has the promoted dtype, ``da`` and ``db`` their
-inputs' dtypes.
-
-``a`` and ``b`` may be column slices of one tensor (the two halves of a fused ``w1``/``w3``
-projection): any layout whose rows share one stride is read in place.
+Elementwise in fp32, rounded once to the output dtype; the backward recomputes
+``sigmoid(a)`` from ``a`` and ``b``, the only tensors kept.  Mixed dtypes follow
+PyTorch's promotion (``silu(a) * b`` has dtype ``promote_types(a, b)``; autocast casts
+neither op): the output has the promoted dtype, ``da`` and ``db`` their inputs' dtypes.
+``a`` and ``b`` may be column slices of one tensor (the two halves of a fused
+``w1``/``w3`` projection): any layout whose rows share one stride is read in place.
+Design: ``docs/design.md``.
 """
 
 import torch
@@ -27,10 +14,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels._runtime import as_rows, check_tensor
+from kernels._runtime import FLOAT_DTYPES, as_rows, check_tensor
 from kernels.reference.swiglu import swiglu_reference
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Columns per program: over 8 warps, 8 elements per thread and tensor, one 16-byte
 # vector access in bf16.

@@ -1,43 +1,15 @@
 """Attention over packed variable-length sequences (causal or not, GQA), forward and backward.
 
-Layouts: ``q`` ``[total_q, hq, d]``, ``k`` and ``v`` ``[total_k, hkv, d]`` (any strides
-with a contiguous last dimension, e.g. views of one fused qkv buffer), ``cu_seqlens``
-int32 ``[batch + 1]``.  Query head ``h`` reads kv head ``h // (hq // hkv)``; K/V are
-never repeated in memory.  ``out`` is ``[total_q, hq, d]`` in q's dtype and the
-natural-log ``lse`` ``[hq, total_q]`` fp32, as in flash-attn 2's
-``flash_attn_varlen_func``.
-
-Numerics: scores, softmax statistics and accumulators are fp32; P (and dS) are
-rounded to the input dtype before their matrix products, as flash-attn does.  The
-softmax runs in base 2 with ``softmax_scale * log2(e)`` folded into one multiply.
-Rows that see no key (an empty key sequence, or causal rows above the diagonal when
-``len_q > len_k``) get ``out = 0`` and ``lse = +inf``, flash-attn 2's convention;
-their gradients are 0.
-
-Work decomposition: the host turns the sequence lengths (which validating
-``cu_seqlens`` already brought to the CPU) into a list of work items
-``(sequence, 128-row unit)``, sorted longest-running first, and launches one program
-per item and head.  Work is thus bounded by each sequence's own length: no program
-exists for the padding of short sequences, none looks at another sequence's keys.
-Inside an item, the tile size chosen by the autotuner (64 or 128 rows) walks the
-unit.  In the forward and dQ kernels, key blocks are split into those every row of
-the tile sees (no mask) and those on the causal diagonal or the sequence's end
-(masked); causal tiles stop at the diagonal.
-
-Validation and work lists are built once per ``cu_seqlens`` pair and reused while the
-same unmodified tensors come back (:class:`~kernels._runtime.TensorMemo`): the layers of
-a model attend over one packing within a step, so only the first layer's forward
-synchronises with the device.
-
-Backward: ``delta = rowsum(dO * O)`` first, then one kernel per (kv head, key unit)
-that loads its K/V tile once and accumulates dK and dV over the ``hq // hkv`` query
-heads of its group and the query blocks that see its keys (from the diagonal on),
-and one kernel per (query head, query unit) for dQ.  Every gradient element is
-written by exactly one program after a fixed-order sum, so the backward pass is
-deterministic and needs no atomics; the price is that dQ recomputes S and dP (seven
-matrix products per tile pair instead of five).  When q, k and v are consecutive head
-ranges of one tensor, dq, dk and dv are too (of a new one): the gradient of a packed
-input needs no concatenation.
+Layouts: ``q`` ``[total_q, hq, d]``, ``k`` and ``v`` ``[total_k, hkv, d]`` (any strides with a
+contiguous last dimension, e.g. views of one fused qkv buffer), ``cu_seqlens`` int32
+``[batch + 1]``.  Query head ``h`` reads kv head ``h // (hq // hkv)``; K/V are never
+repeated.  ``out`` is ``[total_q, hq, d]`` in q's dtype, the natural-log ``lse``
+``[hq, total_q]`` fp32, as flash-attn 2's ``flash_attn_varlen_func`` returns them; rows
+that see no key get ``out = 0`` and ``lse = +inf``.  Scores, softmax statistics and
+accumulators are fp32, P and dS rounded to the input dtype, as flash-attn does.  The
+backward pass is deterministic (no atomics); when q, k and v are consecutive head ranges
+of one tensor, so are their gradients.  Validation and work lists are computed once per
+``cu_seqlens`` pair (the layers of a step share them).  Design: ``docs/design.md``.
 """
 
 import math
@@ -47,10 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import (INTERPRETER, TensorMemo, autotune_configs, check_cu_seqlens,
-                              check_max_seqlen, check_tensor, packed_heads)
+from kernels._runtime import (FLOAT_DTYPES, INTERPRETER, TensorMemo, autotune_configs,
+                              check_cu_seqlens, check_max_seqlen, check_tensor, packed_heads)
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # 96 runs in 128-wide tiles with masked columns.  256 would need smaller tiles than the
 # tuned configs to fit in shared memory.
 SUPPORTED_HEAD_DIMS = (64, 96, 128)
@@ -604,6 +575,33 @@ class _VarlenAttnFunction(torch.autograd.Function):
                                plan.query_work(causal), plan.key_work(causal), ctx.scale,
                                causal)
         return dq, dk, dv, None, None, None
+
+
+_PACKING_BOUNDS = TensorMemo()
+
+
+def packing_bounds(cu_seqlens: torch.Tensor, total_tokens: int, device,
+                   overflow_hint: str = "") -> Tuple[torch.Tensor, int]:
+    """``(cu_seqlens, longest)`` of a packing of ``total_tokens`` tokens: ``cu_seqlens`` (any
+    integer dtype, e.g. XTuner's ``cumulative_len``) as int32 on ``device``, closed at
+    ``total_tokens`` when it ends before (the rest, e.g. padding to a multiple of the
+    sequence-parallel size, attends as one more sequence), and its longest sequence.
+
+    Reading its end is a device sync: the value is computed once for each (unmodified)
+    tensor, so the layers of a model share it (:class:`~kernels._runtime.TensorMemo`).
+    ``overflow_hint`` ends the error raised when ``cu_seqlens`` ends past the tokens.
+    """
+    def build():
+        cu = cu_seqlens.to(device=device, dtype=torch.int32).reshape(-1)
+        end = int(cu[-1])
+        if end > total_tokens:
+            raise ValueError(f"cu_seqlens ends at {end}, past the {total_tokens} tokens of "
+                             f"the batch{overflow_hint}")
+        if end < total_tokens:
+            cu = torch.cat([cu, cu.new_tensor([total_tokens])])
+        return cu, int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+    return _PACKING_BOUNDS.get((cu_seqlens,), (total_tokens, device), build)
 
 
 # ------------------------------------------------------------------------- public API
