@@ -13,6 +13,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Tests run XTuner in this process, as a training rank does: with the shims our entry
+# points give a process on a machine without CUDA (no-ops where CUDA is present).
+from xtuner_patch import cpu_compat  # noqa: E402
+
+cpu_compat.apply()
+
 from tests.helpers import HAS_CUDA, make_generator, seed_for  # noqa: E402
 
 

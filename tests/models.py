@@ -28,8 +28,8 @@ def load_model(checkpoint, attn_implementation="eager", dtype=torch.float32):
 
 def dispatch(model, use_varlen_attn=True, **switches):
     """``model`` given our forwards, as the patched ``dispatch_modules`` gives them."""
+    from xtuner_patch import KernelSwitches
     from xtuner_patch.dispatch import make_dispatch_modules
-    from xtuner_patch.patch import KernelSwitches
 
     stock = lambda model, use_varlen_attn=False: None  # noqa: E731  (XTuner's no-op on CPU)
     make_dispatch_modules(stock, KernelSwitches(**switches))(model, use_varlen_attn)

@@ -58,7 +58,7 @@ def _shard(x: torch.Tensor, rank: int, sp: int) -> torch.Tensor:
 
 
 def attention_case(group, rank, sp, case, seed):
-    from xtuner_patch import sequence_parallel
+    from kernels import sequence_parallel
 
     name, hq, hkv, dtype, bsz, row, packing, pad = case
     gen = make_generator(seed)
@@ -73,7 +73,7 @@ def attention_case(group, rank, sp, case, seed):
         mask[-1, row - pad:] = False
 
     local = [_shard(x, rank, sp).detach().requires_grad_() for x in (q, k, v)]
-    out = sequence_parallel.attention(*local, group, cumulative_len=cumulative_len,
+    out = sequence_parallel.attention(*local, group, cu_seqlens=cumulative_len,
                                       attention_mask=mask,
                                       max_seqlen=None if packing is None else row)
     (out.float() * _shard(weight, rank, sp)).sum().backward()
@@ -103,10 +103,11 @@ def layer_case(group, rank, sp, case, seed, tmp):
     from mmengine import MessageHub
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import kernels.sequence_parallel as exchanges
+    from xtuner_patch import KernelSwitches
+    from xtuner_patch.dispatch import dispatch_internlm2
     from xtuner_patch.fixtures import build_internlm2_checkpoint
-    from xtuner_patch.internlm2 import dispatch_internlm2
-    from xtuner_patch import sequence_parallel
-    from xtuner_patch.patch import KernelSwitches
+    from xtuner_patch.internlm2 import sequence_parallel
 
     name, heads, kv_heads, packed, bias, hook_wo = case
     path = os.path.join(tmp, f"heads{heads}_kv{kv_heads}_bias{int(bias)}")
@@ -139,25 +140,25 @@ def layer_case(group, rank, sp, case, seed, tmp):
     assert sequence_parallel.group_for(attn) is group
     local = _shard(hidden, rank, sp).detach().requires_grad_()
     fused_packs, fused_projections = [], []
-    pack = sequence_parallel._RotaryQKVLayout.pack
-    project_back = sequence_parallel.pack_linear_input_grad
+    pack = exchanges.pack_qkv_rotary
+    project_back = exchanges.pack_linear_input_grad
 
-    def counting_pack(self, qkv):
+    def counting_pack(split, qkv, *args, **kwargs):
         fused_packs.append(qkv.shape)
-        return pack(self, qkv)
+        return pack(split, qkv, *args, **kwargs)
 
     def counting_project_back(*args):
         fused_projections.append(args[1].shape)
         return project_back(*args)
 
-    sequence_parallel._RotaryQKVLayout.pack = counting_pack
-    sequence_parallel.pack_linear_input_grad = counting_project_back
+    exchanges.pack_qkv_rotary = counting_pack
+    exchanges.pack_linear_input_grad = counting_project_back
     try:
         out = attn(local, position_ids=_shard(position_ids, rank, sp))[0]
         (out * _shard(weight, rank, sp)).sum().backward()
     finally:
-        sequence_parallel._RotaryQKVLayout.pack = pack
-        sequence_parallel.pack_linear_input_grad = project_back
+        exchanges.pack_qkv_rotary = pack
+        exchanges.pack_linear_input_grad = project_back
     grads = {n: p.grad.clone() for n, p in attn.named_parameters()}
     for g in grads.values():
         dist.all_reduce(g)
@@ -177,7 +178,7 @@ def layer_case(group, rank, sp, case, seed, tmp):
 
 def error_messages(group, sp):
     """Impossible layouts fail on every rank before any exchange (no rank hangs)."""
-    from xtuner_patch import sequence_parallel
+    from kernels import sequence_parallel
 
     def message(*args, **kwargs):
         try:
@@ -188,7 +189,7 @@ def error_messages(group, sp):
 
     q = torch.zeros(1, 8, 2, HEAD_DIM)
     past_the_end = torch.tensor([0, 8 * sp + 1], dtype=torch.int32)
-    return {"cumulative_len_past_the_group": message(q, q, q, cumulative_len=past_the_end),
+    return {"cumulative_len_past_the_group": message(q, q, q, cu_seqlens=past_the_end),
             "kv_heads_not_dividing_heads": message(q, q[:, :, :1].repeat(1, 1, 3, 1), q)}
 
 

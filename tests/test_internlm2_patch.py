@@ -147,21 +147,32 @@ def test_labels_shifted_are_not_shifted_again(tiny_checkpoint, gen, cross_entrop
 
 
 def test_models_computing_loss_from_logits_keep_the_logits(tiny_checkpoint):
-    """DPO / ORPO-like XTuner models (compute_loss overridden) get no fused loss."""
+    """DPO / ORPO-like XTuner models (compute_loss overridden) get no fused loss: the patch
+    tells the dispatch so around XTuner's own ``build_llm_from_cfg``."""
+    from mmengine.config import ConfigDict
+    from transformers import AutoModelForCausalLM
     from xtuner.model.sft import SupervisedFinetune
 
-    class LossOnly(SupervisedFinetune):
-        def build(self, model):
-            return dispatch(model)
+    import xtuner_patch
 
-    class ReadsLogits(LossOnly):
+    class ReadsLogits(SupervisedFinetune):
         def compute_loss(self, data, data_samples=None):
             return {"loss": self.llm(**data).logits.mean()}
 
-    for owner, fused in ((LossOnly, True), (ReadsLogits, False)):
-        model = owner.__new__(owner).build(load_model(tiny_checkpoint))
-        assert ("forward" in model.__dict__) is fused
-        assert "forward" in model.model.layers[0].feed_forward.__dict__
+    before = xtuner_patch.active_switches()
+    xtuner_patch.patch()
+    try:
+        for owner, fused in ((SupervisedFinetune, True), (ReadsLogits, False)):
+            cfg = ConfigDict(type=AutoModelForCausalLM.from_pretrained,
+                             trust_remote_code=True,
+                             pretrained_model_name_or_path=tiny_checkpoint)
+            model = owner.__new__(owner).build_llm_from_cfg(cfg, False, None)
+            assert ("forward" in model.__dict__) is fused
+            assert "forward" in model.model.layers[0].feed_forward.__dict__
+    finally:
+        xtuner_patch.unpatch()
+        if before is not None:
+            xtuner_patch.patch(**before.__dict__)
 
 
 def _lora_loss_and_grads(model, input_ids, labels):
@@ -177,9 +188,9 @@ def test_lora_on_the_head_keeps_the_fused_loss(tiny_checkpoint, gen, varlen_args
     as the stock model with the same adapters."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    from xtuner_patch import ops
+    from kernels import backend
 
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(backend, "_warned", set())
     lengths = [17, 30, 9]
     model = with_lora(dispatch(load_model(tiny_checkpoint), use_varlen_attn=varlen), gen)
     stock = with_lora(load_model(tiny_checkpoint), gen)
@@ -209,7 +220,7 @@ def test_lora_on_the_head_keeps_the_fused_loss(tiny_checkpoint, gen, varlen_args
 def test_lora_head_loss_draws_the_adapter_dropout_as_peft_does(tiny_checkpoint, gen):
     """The head alone, dropout on: the fused loss of the LoRA layer against PEFT's own
     forward of it, on the same random draws."""
-    from xtuner_patch.internlm2 import _fused_head_loss
+    from xtuner_patch.internlm2.forwards import fused_head_loss
 
     model = with_lora(dispatch(load_model(tiny_checkpoint)), gen, lora_dropout=0.5)
     head = model.base_model.model.output
@@ -217,7 +228,7 @@ def test_lora_head_loss_draws_the_adapter_dropout_as_peft_does(tiny_checkpoint, 
                          requires_grad=True)
     labels = torch.randint(0, model.config.vocab_size, (2, 9), generator=gen, device=DEVICE)
     results = []
-    for compute in (lambda: _fused_head_loss(head)(hidden, labels, True),
+    for compute in (lambda: fused_head_loss(head)(hidden, labels, True),
                     lambda: torch.nn.functional.cross_entropy(
                         head(hidden)[:, :-1].flatten(0, 1), labels[:, 1:].flatten())):
         torch.manual_seed(0)
@@ -230,14 +241,14 @@ def test_lora_head_loss_draws_the_adapter_dropout_as_peft_does(tiny_checkpoint, 
     for grad, ref_grad in zip(grads, ref_grads):
         assert_rel_close(grad, ref_grad, torch.float32, factor=5)
     torch.manual_seed(1)  # other draws: another loss (the dropout does drop)
-    assert abs(_fused_head_loss(head)(hidden, labels, True).item() - loss.item()) > 1e-6
+    assert abs(fused_head_loss(head)(hidden, labels, True).item() - loss.item()) > 1e-6
 
 
 def test_lora_variants_on_the_head_take_the_logits_with_one_warning(tiny_checkpoint, gen,
                                                                     caplog, monkeypatch):
-    from xtuner_patch import ops
+    from kernels import backend
 
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(backend, "_warned", set())
     model = with_lora(dispatch(load_model(tiny_checkpoint), use_varlen_attn=False), gen,
                        use_dora=True)
     stock = with_lora(load_model(tiny_checkpoint), gen, use_dora=True)
@@ -290,8 +301,8 @@ def test_greedy_generate_gives_stock_tokens(tiny_checkpoint, gen):
 def test_dispatch_replaces_every_internlm2_module(tiny_checkpoint):
     model = dispatch(load_model(tiny_checkpoint))
     layers = model.config.num_hidden_layers
-    patched = [type(m).__name__ for m in model.modules()
-               if "forward" in m.__dict__ and m.forward.__func__.__module__ == "xtuner_patch.internlm2"]
+    patched = [type(m).__name__ for m in model.modules() if "forward" in m.__dict__
+               and m.forward.__func__.__module__ == "xtuner_patch.internlm2.forwards"]
     assert patched.count("InternLM2Attention") == layers
     assert patched.count("InternLM2DecoderLayer") == layers
     assert patched.count("InternLM2RMSNorm") == 2 * layers + 1

@@ -1,4 +1,5 @@
-"""The patch of XTuner: reversible, idempotent, switchable, logged once, scoped to InternLM2."""
+"""The patch of XTuner: reversible, idempotent, switchable (strictly), logged once and
+exactly, scoped to InternLM2; importing the package changes nothing."""
 
 import os
 import subprocess
@@ -15,7 +16,8 @@ import xtuner.model.modules.dispatch as xtuner_dispatch  # noqa: E402
 import xtuner.model.sft as xtuner_sft  # noqa: E402
 
 import xtuner_patch  # noqa: E402
-from xtuner_patch.patch import KernelSwitches  # noqa: E402
+from xtuner_patch import KernelSwitches  # noqa: E402
+from xtuner_patch.errors import UserError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,13 +34,16 @@ def stock():
 
 
 def test_patch_rebinds_every_xtuner_name_and_unpatch_restores(stock):
+    build = xtuner_sft.SupervisedFinetune.build_llm_from_cfg
     xtuner_patch.patch()
     for module in (xtuner_dispatch, xtuner_modules, xtuner_sft):
         assert module.dispatch_modules is not stock
         assert module.dispatch_modules.__wrapped__ is stock
+    assert xtuner_sft.SupervisedFinetune.build_llm_from_cfg.__wrapped__ is build
     xtuner_patch.unpatch()
     for module in (xtuner_dispatch, xtuner_modules, xtuner_sft):
         assert module.dispatch_modules is stock
+    assert xtuner_sft.SupervisedFinetune.build_llm_from_cfg is build
     assert xtuner_patch.active_switches() is None
     xtuner_patch.unpatch()  # a second unpatch is a no-op
     assert xtuner_sft.dispatch_modules is stock
@@ -57,14 +62,34 @@ def test_patch_twice_is_a_no_op(stock):
 
 def test_switches_from_arguments_and_environment(monkeypatch):
     monkeypatch.setenv("XTUNER_PATCH_RMS_NORM", "0")
-    monkeypatch.setenv("XTUNER_PATCH_ROPE", "off")
-    monkeypatch.setenv("XTUNER_PATCH_CROSS_ENTROPY", "0")
+    monkeypatch.setenv("XTUNER_PATCH_ROPE", "Off")
+    monkeypatch.setenv("XTUNER_PATCH_CROSS_ENTROPY", "FALSE")
+    monkeypatch.setenv("XTUNER_PATCH_SWIGLU", " yes ")
     switches = KernelSwitches.resolve()
     assert (switches.attention, switches.rope, switches.rms_norm) == (True, False, False)
     assert (switches.swiglu, switches.cross_entropy) == (True, False)
     assert KernelSwitches.resolve(rms_norm=True).rms_norm is True  # argument wins
     with pytest.raises(TypeError, match="unknown kernel switches"):
         KernelSwitches.resolve(flash=True)
+
+
+@pytest.mark.parametrize("variable", ["XTUNER_PATCH_ATTENTION", "XTUNER_PATCH_ROPE"])
+@pytest.mark.parametrize("value", ["disabled", "2", "nope", "o"])
+def test_switch_values_are_parsed_strictly(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(UserError, match=f"{variable}='{value}' is not a switch value: use one "
+                                        "of 1/true/on/yes/0/false/off/no"):
+        KernelSwitches.resolve()
+
+
+def test_xtuner_patch_variable_is_parsed_strictly(tmp_path):
+    """The launcher refuses a value it does not understand, in one line, before any rank."""
+    proc = subprocess.run([sys.executable, "-m", "xtuner_patch.cli", "train", "config.py"],
+                          capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
+                          env=dict(os.environ, PYTHONPATH=REPO, XTUNER_PATCH="disabled"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == ("error: XTUNER_PATCH='disabled' is not a switch value: "
+                                   "use one of 1/true/on/yes/0/false/off/no (any case)")
 
 
 def test_one_log_line_per_process():
@@ -82,9 +107,30 @@ def test_one_log_line_per_process():
         assert f"kernels.{name}" in lines[0], lines[0]
 
 
+def test_importing_the_package_changes_nothing():
+    """No patch, no CPU shims, no import hook, not even torch: the entry points switch
+    the patch on (xtuner-patch train, XTUNER_PATCH=1 xtuner train, patch())."""
+    code = textwrap.dedent("""
+        import sys, importlib
+        hooks = list(sys.meta_path)
+        import xtuner_patch
+        assert sys.meta_path == hooks, sys.meta_path
+        assert not {'torch', 'kernels', 'xtuner'} & set(sys.modules), sorted(sys.modules)
+        import torch
+        set_device = torch.cuda.set_device
+        import xtuner.model.sft as sft
+        print(sft.dispatch_modules.__module__, xtuner_patch.active_switches(),
+              torch.cuda.set_device is set_device, hasattr(torch.cpu, 'is_bf16_supported'))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, env={k: v for k, v in dict(os.environ, PYTHONPATH=REPO)
+                                         .items() if k != "XTUNER_PATCH"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-4:] == ["xtuner.model.modules.dispatch", "None", "True",
+                                        "False"]
+
+
 def test_patch_before_xtuner_is_imported_applies_its_switches_once():
-    """``patch()`` is what first imports xtuner.model here: the import hook of
-    ``import xtuner_patch`` must neither wait for patch()'s lock nor patch again."""
     code = textwrap.dedent("""
         import xtuner_patch
         print(xtuner_patch.patch(rope=False))
@@ -100,14 +146,6 @@ def test_patch_before_xtuner_is_imported_applies_its_switches_once():
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines()
              if "dispatch_modules patched" in ln]
     assert len(lines) == 1, lines
-
-
-def test_xtuner_patch_0_leaves_xtuner_alone():
-    code = "import xtuner_patch, xtuner.model.sft as s; print(s.dispatch_modules.__module__)"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO, XTUNER_PATCH="0"), timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().endswith("xtuner.model.modules.dispatch")
 
 
 def test_non_internlm2_model_is_left_to_xtuner(stock):
@@ -162,3 +200,46 @@ def test_check_cfg_lifts_only_the_flash_attn_requirement(stock):
         with pytest.raises(AssertionError, match="flash_attn"):
             train.check_cfg(cfg(sequence_parallel_size=2, use_varlen_attn=False),
                             types.SimpleNamespace(deepspeed="deepspeed_zero2"))
+
+
+SWITCH_SETS = [{}, dict(attention=False), dict(rope=False), dict(rms_norm=False),
+               dict(fused_residual=False, swiglu=False), dict(cross_entropy=False),
+               dict(attention=False, rms_norm=False, cross_entropy=False)]
+
+
+@pytest.mark.parametrize("switches", SWITCH_SETS,
+                         ids=["all"] + ["-".join(f"no_{k}" for k in s) for s in SWITCH_SETS[1:]])
+def test_log_line_names_exactly_the_kernels_that_run(tiny_checkpoint, gen, varlen_args,
+                                                     monkeypatch, switches):
+    """The kernels the log line names are the ones a training step calls, no more, no
+    fewer (RoPE runs inside our attention forward: with attention off it is not named)."""
+    import re
+
+    from kernels import backend
+    from tests.models import dispatch, load_model, packed_batch
+    from xtuner_patch.dispatch import describe
+
+    called = set()
+
+    def recording(name, function, label=None):
+        def record(*args, **kwargs):
+            called.add(label(args, kwargs) if label else name)
+            return function(*args, **kwargs)
+        monkeypatch.setattr(backend, name, record)
+
+    recording("varlen_attn_func", backend.varlen_attn_func)
+    recording("_triton_split_qkv_rotary", backend._triton_split_qkv_rotary,
+              lambda args, kwargs: "split_qkv_rotary")
+    recording("_triton_rms_norm", backend._triton_rms_norm, lambda args, kwargs: (
+        "rms_norm(residual=)" if kwargs.get("residual") is not None else "rms_norm"))
+    recording("_triton_swiglu", backend._triton_swiglu, lambda args, kwargs: "swiglu")
+    recording("fused_linear_cross_entropy", backend.fused_linear_cross_entropy)
+
+    model = dispatch(load_model(tiny_checkpoint), **switches)
+    input_ids, labels, position_ids, cu = packed_batch(gen, [20, 9, 35], model.config.vocab_size)
+    varlen_args(cu, 35)
+    model.train()
+    model(input_ids, position_ids=position_ids, labels=labels).loss.backward()
+    named = set(re.findall(r"kernels\.(\w+(?:\(residual=\))?)",
+                           describe(KernelSwitches(**switches))))
+    assert named == called

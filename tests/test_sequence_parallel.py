@@ -256,10 +256,10 @@ def test_wo_input_gradient_packed_at_internlm2_7b_shapes_in_bf16(gen, sp):
 
 
 def test_wo_is_fused_only_when_f_linear_is_all_its_forward_does(caplog, monkeypatch):
-    from xtuner_patch import ops
-    from xtuner_patch.sequence_parallel import _plain_linear
+    from kernels import backend
+    from xtuner_patch.internlm2.sequence_parallel import _plain_linear
 
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(backend, "_warned", set())
 
     class Subclass(torch.nn.Linear):
         pass
@@ -287,7 +287,7 @@ def test_attention_gradients_reach_the_exchange_without_a_copy(gen, monkeypatch,
     the backward exchange sends them as they are (no concatenation)."""
     import torch.distributed as dist
 
-    import xtuner_patch.sequence_parallel as sp_module
+    import kernels.sequence_parallel as sp_module
 
     found = []
 

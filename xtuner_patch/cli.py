@@ -132,7 +132,11 @@ def main(argv=None) -> int:
         # Everything after `train` belongs to XTuner's parser, --help included.
         from .launch import launch
 
-        return launch(argv[1:])
+        try:
+            return launch(argv[1:])
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     handlers = {"make-tiny-model": _make_tiny_model, "make-sample-data": _make_sample_data,
                 "data": _data, "convert": _convert}
     with _sigterm_raises():

@@ -1,8 +1,9 @@
 """Compatibility shims that let XTuner 0.2 train on a machine without CUDA.
 
-Applied by :func:`apply` only when ``torch.cuda.is_available()`` is False; on a GPU
-machine nothing here runs.  Each shim fills a gap in how XTuner / mmengine call
-torch, not in what the CPU can do:
+Applied by :func:`apply` in the training processes our entry points prepare
+(:func:`xtuner_patch.launch.prepare_rank`), never by importing the package, and only
+when ``torch.cuda.is_available()`` is False; on a GPU machine nothing here runs.  Each
+shim fills a gap in how XTuner / mmengine call torch, not in what the CPU can do:
 
 - ``torch.cpu.is_bf16_supported``: XTuner calls ``get_torch_device().is_bf16_supported()``
   (``torch.cpu`` on a CPU host), which torch does not define.  The shim answers

@@ -3,14 +3,13 @@
 XTuner's ``xtuner train`` re-launches ``tools/train.py`` in new processes (``python``
 or ``torchrun``), so anything done in the launching process is lost.  This launcher
 mirrors that logic (``NPROC_PER_NODE``/``NNODES``/``NODE_RANK``/``ADDR``/``PORT``,
-``--launcher slurm``) but starts :func:`rank_main` in every rank, which applies the
-CPU shims (on machines without CUDA), the resume fix of :mod:`.torch_compat` and
-:func:`xtuner_patch.patch`, then runs
-XTuner's unmodified ``main()``.  ``XTUNER_PATCH=0`` runs XTuner's stock path (shims
-only), for side-by-side comparisons.  Unlike ``xtuner train`` it returns the
-training's exit status, and it starts a single ``--deepspeed`` process through torchrun
-as well: DeepSpeed's ``init_distributed`` finds no rank environment in a bare process
-and falls back to MPI discovery, which needs mpi4py.
+``--launcher slurm``) but starts :func:`rank_main` in every rank, which prepares the
+rank (:func:`prepare_rank`) and runs XTuner's unmodified ``main()``.  ``XTUNER_PATCH=0``
+runs XTuner's stock path through the same launcher, for side-by-side comparisons.
+Unlike ``xtuner train`` it returns the training's exit status, and it starts a single
+``--deepspeed`` process through torchrun as well: DeepSpeed's ``init_distributed`` finds
+no rank environment in a bare process and falls back to MPI discovery, which needs
+mpi4py.
 """
 
 import importlib
@@ -20,22 +19,32 @@ import subprocess
 import sys
 from typing import List, Optional
 
+from .switches import patch_requested
 
-def rank_main(argv: Optional[List[str]] = None) -> None:
-    """Entry of one training rank: shims and patch, then XTuner's ``tools/train.py`` main."""
-    argv = sys.argv[1:] if argv is None else argv
-    from _xtuner_patch_autoload import disabled
 
-    import xtuner_patch  # applies the CPU shims where CUDA is absent
-    from xtuner.tools import train as xtuner_train
-
+def prepare_rank(patch: bool) -> None:
+    """What a training process started by one of our entry points gets before XTuner
+    builds anything: on a machine without CUDA the shims XTuner needs there
+    (:mod:`.cpu_compat`), the checkpoint-loading fix of :mod:`.torch_compat`, and, when
+    ``patch``, :func:`xtuner_patch.patch`."""
+    from . import cpu_compat
+    from .patcher import patch as apply_patch
     from .torch_compat import allow_full_checkpoint_loads
 
+    cpu_compat.apply()
     allow_full_checkpoint_loads()
+    if patch:
+        apply_patch()
 
-    if not disabled():
-        # After importing the train tool, so that the names it bound are patched too.
-        xtuner_patch.patch()
+
+def rank_main(argv: Optional[List[str]] = None) -> None:
+    """Entry of one training rank: :func:`prepare_rank`, then XTuner's ``tools/train.py``."""
+    argv = sys.argv[1:] if argv is None else argv
+    patch = patch_requested(default=True)
+    from xtuner.tools import train as xtuner_train
+
+    # After importing the train tool, so that the names it bound are patched too.
+    prepare_rank(patch)
     sys.argv = [xtuner_train.__file__] + list(argv)
     xtuner_train.main()
 
@@ -59,6 +68,7 @@ def launch(args: List[str], rank_module: str = "xtuner_patch.launch") -> int:
     ``rank_module``: the module each rank runs (``python -m rank_module ARGS`` under
     torchrun, its ``rank_main(ARGS)`` in this process otherwise).
     """
+    patch_requested(default=True)  # a bad value fails here, once, not in every rank
     nnodes = int(os.environ.get("NNODES", 1))
     nproc_per_node = int(os.environ.get("NPROC_PER_NODE", 1))
     single = nnodes == 1 and nproc_per_node == 1 and not _uses_deepspeed(args)

@@ -32,7 +32,7 @@ import torch
 
 from ..atomic import atomic_output_dir
 from ..errors import check_positive
-from ..fixtures.model import HF_CHECKPOINT_FILES, complete_internlm2_config, write_internlm2_files
+from .hf_folder import HF_CHECKPOINT_FILES, complete_internlm2_config, write_internlm2_files
 from ._io import (ConversionError, Progress, SafetensorsFolder, ShardedSafetensorsWriter,
                   load_model_config, load_state_dict, parse_size, release_freed_memory)
 

@@ -181,8 +181,3 @@ def run(args) -> int:
     """Handle a parsed ``data ...`` command line."""
     return args.data_handler(args)
 
-
-if __name__ == "__main__":
-    from ..cli import main
-
-    sys.exit(main(["data", *sys.argv[1:]]))
