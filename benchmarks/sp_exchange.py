@@ -7,7 +7,7 @@ whose rank 0 is the benchmark process.  The peer runs whatever step rank 0 annou
 
 Implementations (``step``):
 
-- ``xtuner-patch``: :mod:`xtuner_patch.sequence_parallel`'s exchanges (``pack_heads``,
+- ``xtuner-patch``: :mod:`kernels.sequence_parallel`'s exchanges (``pack_heads``,
   one all-to-all, views; all-to-all, ``unpack_heads``; the reverse in backward);
 - ``xtuner``: what XTuner's varlen InternLM2 forward does: ``repeat_kv_bshd`` on K and
   V, then ``pre_process_for_sequence_parallel_attn`` / ``post_process_...``
@@ -102,7 +102,7 @@ def xtuner_list_all_to_all(emulated: bool):
         xtuner_comm.dist = saved
 
 
-def step(impl: str, sp: int, rank: int, group, tokens: int, device, use_triton: bool,
+def step(impl: str, sp: int, rank: int, group, tokens: int, device,
          p2p_list_all_to_all: bool = False):
     """A callable running one layer's exchanges forward + backward on fresh-looking data
     (XTuner's list all-to-all as :func:`p2p_all_to_all` with ``p2p_list_all_to_all``)."""
@@ -114,7 +114,7 @@ def step(impl: str, sp: int, rank: int, group, tokens: int, device, use_triton: 
         return x.requires_grad_(grad)
 
     if impl == "xtuner-patch":
-        from xtuner_patch.sequence_parallel import _FromRankHeads, _HeadLayout, _ToRankHeads
+        from kernels.sequence_parallel import heads_from_ranks, heads_to_ranks
 
         q, k, v = (randn(tokens, h, HEAD_DIM, grad=True) for h in (HEADS, KV_HEADS, KV_HEADS))
         # Our attention kernel returns the gradients of the received views as views of
@@ -124,13 +124,10 @@ def step(impl: str, sp: int, rank: int, group, tokens: int, device, use_triton: 
                             device=device).split([nq, nkv, nkv], dim=1)
         dout = randn(tokens, HEADS, HEAD_DIM)
 
-        layout = _HeadLayout(split, HEAD_DIM, use_triton)
-
         def run():
-            every = _ToRankHeads.apply(layout, rank, group, 1, tokens, q, k, v)
+            every = heads_to_ranks(split, group, q, k, v)
             out = _Attend.apply(*every, grads)
-            _FromRankHeads.apply(out, None, None, split, rank, group, 1,
-                                 use_triton).backward(dout)
+            heads_from_ranks(split, group, out).backward(dout)
         return run
     if impl == "xtuner":
         from xtuner.model.modules.dispatch.internlm2 import repeat_kv_bshd
@@ -177,7 +174,7 @@ def layer_step(impl: str, sp: int, rank: int, group, tokens: int, device, *,
     stand-in) -> ``wo``, with the Triton kernels.
 
     - ``xtuner-patch``: sequence parallel as training runs it when kv heads divide by
-      ``sp`` (:mod:`xtuner_patch.sequence_parallel`): RoPE writes the send buffer,
+      ``sp`` (:mod:`kernels.sequence_parallel`): RoPE writes the send buffer,
       attention reads views of the received one, its output is unpacked into ``wo``,
       whose input-gradient GEMMs write the backward send buffer, and the inverse RoPE
       reads the received gradient;
@@ -188,7 +185,7 @@ def layer_step(impl: str, sp: int, rank: int, group, tokens: int, device, *,
     import torch.nn.functional as F
 
     from kernels import rotary_inv_freq, split_qkv_rotary
-    from xtuner_patch.sequence_parallel import _FromRankHeads, _RotaryQKVLayout, _ToRankHeads
+    from kernels.sequence_parallel import heads_from_ranks, qkv_heads_to_ranks
 
     split = split_heads(heads, kv_heads, sp)
     if not split.partitions_kv:
@@ -212,10 +209,9 @@ def layer_step(impl: str, sp: int, rank: int, group, tokens: int, device, *,
                             device=device).split([nq, nkv, nkv], dim=1)
 
         def run():
-            layout = _RotaryQKVLayout(split, head_dim, rope)
-            every = _ToRankHeads.apply(layout, rank, group, 1, tokens, qkv)
+            every = qkv_heads_to_ranks(split, group, qkv, head_dim, **rope)
             out = _Attend.apply(*every, grads)
-            _FromRankHeads.apply(out, weight, None, split, rank, group, 1, True).backward(dout)
+            heads_from_ranks(split, group, out, weight=weight).backward(dout)
         return run
     if impl == "no-layout":
         grads = torch.zeros(1, tokens, heads + 2 * kv_heads, head_dim, dtype=dtype,
@@ -237,7 +233,7 @@ def counting_collectives(sp: int):
     """
     import xtuner.parallel.sequence.comm as xtuner_comm
 
-    import xtuner_patch.sequence_parallel as ours
+    import kernels.sequence_parallel as ours
 
     sent = {"bytes": 0}
 
@@ -245,7 +241,8 @@ def counting_collectives(sp: int):
         sent["bytes"] += sum(t.numel() * t.element_size() for t in tensors)
 
     fake_ours = types.SimpleNamespace(
-        all_to_all_single=lambda out, inp, out_sizes, in_sizes, group=None: count([inp]))
+        all_to_all_single=lambda out, inp, out_sizes, in_sizes, group=None: count([inp]),
+        get_rank=lambda group=None: 0, get_world_size=lambda group=None: sp)
     fake_xtuner = types.SimpleNamespace(
         all_to_all=lambda outs, inps, group=None: count(inps),
         get_world_size=lambda group=None: sp)
@@ -279,7 +276,7 @@ def gloo_steps(rank: int):
     """Probe the list all-to-all (announced as ``PROBE``), then ``(the gloo cases,
     indexed as :func:`announce` numbers them; whether the list all-to-all is native)``."""
     native = list_all_to_all_supported()
-    return [step(impl, 2, rank, dist.group.WORLD, GLOO_TOKENS, torch.device("cpu"), False,
+    return [step(impl, 2, rank, dist.group.WORLD, GLOO_TOKENS, torch.device("cpu"),
                  p2p_list_all_to_all=not native) for impl in IMPLS], native
 
 

@@ -13,7 +13,7 @@ negative prompt ids, one 20k-token sample per file), generated once into
 - ``short``: 200k samples, median 24 tokens (sigma 0.9), ~6M tokens: XTuner's
   per-sample cost dominates.
 
-Line shapes (:data:`xtuner_patch.dataset.synthetic.LINE_SHAPES`): ``dumps``
+Line shapes (:data:`xtuner_patch.fixtures.ftdp.LINE_SHAPES`): ``dumps``
 (``{"tokens": [1, -2]}``), ``compact`` (``{"tokens":[1,-2]}``), ``key_after`` (the
 tokens, then keys holding quotes, brackets and ``"tokens"`` in strings).
 
@@ -60,7 +60,7 @@ def corpus_folder(mix: str, shape: str) -> str:
     folder = os.path.join(DATA, f"ftdp-{mix}-{shape}-v2")
     stamp = os.path.join(folder, ".complete")
     if not os.path.exists(stamp):
-        from xtuner_patch.dataset.synthetic import rewrite_lines, write_synthetic_corpus
+        from xtuner_patch.fixtures.ftdp import rewrite_lines, write_synthetic_corpus
 
         spec = MIXES[mix]
         shutil.rmtree(folder, ignore_errors=True)

@@ -82,7 +82,7 @@ def test_sp_layout_fwd_bwd(benchmark, sp, impl):
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     expected = _expected_bytes(impl, sp, tokens)
     with counting_collectives(sp) as sent:
-        run = step(impl, sp, 0, None, tokens, device, use_triton=HAS_CUDA)
+        run = step(impl, sp, 0, None, tokens, device)
         run()
         # Forward and backward send the same bytes.
         assert sent["bytes"] == 2 * sum(expected.values()), (sent, expected)

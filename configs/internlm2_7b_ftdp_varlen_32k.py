@@ -3,16 +3,12 @@
 # xtuner/configs/internlm/internlm2_7b/internlm2_7b_w_internevo_dataset.py.
 #
 # Differences from XTuner's config, and why:
-# - the model type is xtuner_patch.model.SupervisedFinetune, so every training rank
-#   is patched even under a plain `xtuner train` (mmengine imports config objects
-#   when it builds them; a bare `import xtuner_patch` here would never run);
-# - the varlen switch is named `varlen_attn`: XTuner's check_cfg refuses a
-#   top-level `use_varlen_attn = True` when flash-attn is not installed, and it runs
-#   before anything of ours is imported.  With `xtuner-patch train` or
-#   `XTUNER_PATCH=1 xtuner train`, XTuner's name works too;
 # - the ftdp loader and packer come from xtuner_patch.dataset: the same packs in the
-#   same order as XTuner's functions, built ~10x faster, with errors that name the
-#   file and line of bad data.
+#   same order as XTuner's functions, built faster, every line checked before the first
+#   step, with errors that name the file and line of bad data.
+# The patch itself comes from the entry point: `xtuner-patch train` (below) or
+# `XTUNER_PATCH=1 xtuner train`; both also let XTuner's check_cfg accept
+# `use_varlen_attn = True` without flash-attn.
 #
 # Run (ZeRO through DeepSpeed, as with XTuner):
 #   NPROC_PER_NODE=8 xtuner-patch train configs/internlm2_7b_ftdp_varlen_32k.py \
@@ -29,16 +25,16 @@ from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.samplers import InternRepoSampler
 from xtuner.engine import ThroughputHook, VarlenAttnArgsToMessageHubHook
 from xtuner.engine.runner import TrainLoop
+from xtuner.model import SupervisedFinetune
 
 from xtuner_patch.dataset import build_packed_dataset, load_intern_repo_tokenized_dataset
-from xtuner_patch.model import SupervisedFinetune
 
 #######################################################################
 #                          PART 1  Settings                           #
 #######################################################################
 pretrained_model_name_or_path = 'internlm/internlm2-7b'
 dataset_folder = '/path/to/ftdp/folder'
-varlen_attn = True
+use_varlen_attn = True
 max_length = 32768  # tokens per packed row
 
 batch_size = 1  # packed rows per device; varlen attention needs 1
@@ -58,7 +54,7 @@ save_total_limit = 2
 #######################################################################
 model = dict(
     type=SupervisedFinetune,
-    use_varlen_attn=varlen_attn,
+    use_varlen_attn=use_varlen_attn,
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
@@ -88,7 +84,7 @@ train_dataloader = dict(
     dataset=train_dataset,
     sampler=dict(type=InternRepoSampler, shuffle=True, seed=1024),
     batch_sampler=dict(type=BatchSampler, drop_last=True, batch_size=1),
-    collate_fn=dict(type=default_collate_fn, use_varlen_attn=varlen_attn),
+    collate_fn=dict(type=default_collate_fn, use_varlen_attn=use_varlen_attn),
 )
 
 #######################################################################

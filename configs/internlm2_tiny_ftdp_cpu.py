@@ -1,9 +1,9 @@
 # A tiny InternLM2 trained on the sample ftdp dataset, on CPU: what `make demo` runs.
 #
 # Same structure as configs/internlm2_7b_ftdp_varlen_32k.py (ftdp folder ->
-# build_packed_dataset -> InternRepoSampler, packed rows with varlen attention, the
-# model type from xtuner_patch so that plain `xtuner train` patches too), shrunk to
-# run in about a minute on two cores.  `make demo` writes the checkpoint and the data under .cache/demo/ first:
+# build_packed_dataset -> InternRepoSampler, packed rows with varlen attention), shrunk
+# to run in about a minute on two cores, under `xtuner-patch train` (or
+# `XTUNER_PATCH=1 xtuner train`).  `make demo` writes the checkpoint and the data under .cache/demo/ first:
 #     xtuner-patch make-tiny-model .cache/demo/tiny-internlm2
 #     xtuner-patch make-sample-data .cache/demo/ftdp
 # Paths are relative to the repository root: run from there, or override them with
@@ -20,19 +20,17 @@ from xtuner.dataset.collate_fns import default_collate_fn
 from xtuner.dataset.samplers import InternRepoSampler
 from xtuner.engine import ThroughputHook, VarlenAttnArgsToMessageHubHook
 from xtuner.engine.runner import TrainLoop
+from xtuner.model import SupervisedFinetune
 
 from xtuner_patch.dataset import build_packed_dataset, load_intern_repo_tokenized_dataset
-from xtuner_patch.model import SupervisedFinetune
 
 #######################################################################
 #                          PART 1  Settings                           #
 #######################################################################
 pretrained_model_name_or_path = '.cache/demo/tiny-internlm2'
 dataset_folder = '.cache/demo/ftdp'
-# Attention stays inside each packed sample.  Named `varlen_attn`, not XTuner's
-# `use_varlen_attn`: XTuner's check_cfg refuses the latter without flash-attn before
-# anything of ours is imported under a plain `xtuner train` (see xtuner_patch/model.py).
-varlen_attn = True
+# Attention stays inside each packed sample.
+use_varlen_attn = True
 
 max_length = 2048  # tokens per packed row
 batch_size = 1
@@ -50,7 +48,7 @@ warmup_iters = 3
 #######################################################################
 model = dict(
     type=SupervisedFinetune,
-    use_varlen_attn=varlen_attn,
+    use_varlen_attn=use_varlen_attn,
     llm=dict(
         type=AutoModelForCausalLM.from_pretrained,
         pretrained_model_name_or_path=pretrained_model_name_or_path,
@@ -80,7 +78,7 @@ train_dataloader = dict(
     dataset=train_dataset,
     sampler=dict(type=InternRepoSampler, shuffle=True, seed=1024),
     batch_sampler=dict(type=BatchSampler, drop_last=True, batch_size=1),
-    collate_fn=dict(type=default_collate_fn, use_varlen_attn=varlen_attn),
+    collate_fn=dict(type=default_collate_fn, use_varlen_attn=use_varlen_attn),
 )
 
 #######################################################################

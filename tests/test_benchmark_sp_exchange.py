@@ -29,7 +29,7 @@ HEADS, KV_HEADS, HEAD_DIM, TOKENS = 4, 2, 16, 8
 def test_exchange_step_sends_the_bytes_the_benchmark_expects(impl, sp):
     tokens = 4
     with counting_collectives(sp) as sent:
-        step(impl, sp, 0, None, tokens, DEVICE, use_triton=False)()
+        step(impl, sp, 0, None, tokens, DEVICE)()
     split = split_heads(BENCH_HEADS, BENCH_KV_HEADS, sp)
     ours = split.bytes_sent(tokens, BENCH_HEAD_DIM, 2)
     kv_factor = 1 if impl == "xtuner-patch" else BENCH_HEADS // BENCH_KV_HEADS

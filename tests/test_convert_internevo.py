@@ -24,7 +24,7 @@ pytest.importorskip("xtuner._lite.modelings.internlm2", reason="needs xtuner's I
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from tests.outputs import siblings, snapshot  # noqa: E402
-from tests.xtuner_run import REPO, iteration_metrics, train  # noqa: E402
+from tests.xtuner_run import NO_VARLEN, REPO, config_variant, iteration_metrics, train  # noqa: E402
 from xtuner_patch.cli import main  # noqa: E402
 from xtuner_patch.convert.internevo import (ConversionError, hf_to_internevo,  # noqa: E402
                                             internevo_to_hf, stage_sizes)
@@ -722,9 +722,10 @@ def test_converted_model_trains_under_xtuner(tmp_path, tiny_checkpoint, sample_f
     hf_to_internevo(tiny_checkpoint, str(evo), tp=1, pp=2, qk_interleaved=True)
     internevo_to_hf(str(evo), str(back), max_shard_size="4MB")
     work.mkdir()
-    # XTuner's stock path: what is under test is the checkpoint, not the kernels (which the
-    # Triton interpreter would run slowly on a CPU).
+    # XTuner's stock path (which has no varlen attention without flash-attn): what is under
+    # test is the checkpoint, not the kernels.
     proc = train(str(work), str(back), sample_ftdp["root"], max_iters=1,
+                 config=config_variant(tmp_path, "no_varlen.py", NO_VARLEN),
                  env={"XTUNER_PATCH": "0"})
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]

@@ -11,7 +11,7 @@ from xtuner_patch.cli import main as cli_main
 from xtuner_patch.dataset import (list_ftdp_files, load_intern_repo_tokenized_dataset,
                                   read_samples)
 from xtuner_patch.dataset.cli import add_subcommands, dataset_statistics, run
-from xtuner_patch.dataset.synthetic import write_synthetic_corpus
+from xtuner_patch.fixtures.ftdp import write_synthetic_corpus
 from xtuner_patch.errors import UserError
 
 FILES = {"en/web/p0": 90, "cn/chat/p1": (70, "int32"), "cn/chat/p0": 50, "code/p0": 40,

@@ -9,7 +9,7 @@ import pytest
 from xtuner_patch.dataset import (FtdpDataWarning, FtdpFile, FtdpFormatError, list_ftdp_files,
                                   load_intern_repo_tokenized_dataset, read_samples,
                                   write_ftdp_file)
-from xtuner_patch.dataset.synthetic import write_synthetic_corpus
+from xtuner_patch.fixtures.ftdp import write_synthetic_corpus
 
 intern_repo = pytest.importorskip("xtuner.dataset.intern_repo")
 

@@ -8,7 +8,7 @@ import pytest
 from xtuner_patch.dataset import (FtdpDataWarning, build_packed_dataset,
                                   load_intern_repo_tokenized_dataset, write_ftdp_file)
 from xtuner_patch.dataset import ftdp, index, packing
-from xtuner_patch.dataset.synthetic import write_synthetic_corpus
+from xtuner_patch.fixtures.ftdp import write_synthetic_corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore::xtuner_patch.dataset.FtdpDataWarning")
 

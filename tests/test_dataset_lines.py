@@ -10,7 +10,7 @@ import pytest
 from xtuner_patch.dataset import (FtdpFile, FtdpFormatError, build_packed_dataset,
                                   load_intern_repo_tokenized_dataset, read_samples)
 from xtuner_patch.dataset import ftdp
-from xtuner_patch.dataset.synthetic import LINE_SHAPES, rewrite_lines, write_synthetic_corpus
+from xtuner_patch.fixtures.ftdp import LINE_SHAPES, rewrite_lines, write_synthetic_corpus
 
 intern_repo = pytest.importorskip("xtuner.dataset.intern_repo")
 pytestmark = pytest.mark.filterwarnings("ignore::xtuner_patch.dataset.FtdpDataWarning")

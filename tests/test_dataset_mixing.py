@@ -7,7 +7,7 @@ import pytest
 
 from xtuner_patch.dataset import build_packed_dataset, load_intern_repo_tokenized_dataset
 from xtuner_patch.dataset.mixing import group_files, weighted_pack_index
-from xtuner_patch.dataset.synthetic import write_synthetic_corpus
+from xtuner_patch.fixtures.ftdp import write_synthetic_corpus
 
 FILES = {"cn/chat/p0": 300, "cn/chat/p1": 200, "cn/wiki/p0": 150, "en/code/p0": 100,
          "en/web/p0": 400}

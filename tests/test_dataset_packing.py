@@ -10,7 +10,7 @@ import torch
 
 from xtuner_patch.dataset import (FtdpFormatError, PackedFtdpDataset, build_packed_dataset,
                                   load_intern_repo_tokenized_dataset, write_ftdp_file)
-from xtuner_patch.dataset.synthetic import write_synthetic_corpus
+from xtuner_patch.fixtures.ftdp import write_synthetic_corpus
 
 intern_repo = pytest.importorskip("xtuner.dataset.intern_repo")
 pytestmark = pytest.mark.filterwarnings("ignore::xtuner_patch.dataset.FtdpDataWarning")

@@ -15,22 +15,12 @@ import sysconfig
 
 import pytest
 
-from tests.xtuner_run import TINY_CONFIG, iteration_metrics, train, training_env
+from tests.xtuner_run import (NO_VARLEN, TINY_CONFIG, config_variant, iteration_metrics, train,
+                              training_env)
 
 pytestmark = [pytest.mark.slow]
 pytest.importorskip("xtuner")
 PATCH_LINE = "dispatch_modules patched"
-
-
-def _config_variant(tmp_path, name, replacements):
-    """A copy of the tiny config with exact text replacements (each must apply)."""
-    text = open(TINY_CONFIG).read()
-    for old, new in replacements:
-        assert old in text, old
-        text = text.replace(old, new)
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
 
 
 def _losses(proc):
@@ -63,9 +53,6 @@ def test_varlen_training_with_accumulation_resumes_exactly(tmp_path, tiny_checkp
     assert again == pytest.approx(losses[4:], rel=1e-4, abs=1e-4)
 
 
-NO_VARLEN = [("varlen_attn = True", "varlen_attn = False"),
-             ("custom_hooks = [dict(type=ThroughputHook), dict(type=VarlenAttnArgsToMessageHubHook)]",
-              "custom_hooks = [dict(type=ThroughputHook)]")]
 
 
 def _stock_and_patched_losses(tmp_path, checkpoint, data, config):
@@ -88,7 +75,7 @@ def _stock_and_patched_losses(tmp_path, checkpoint, data, config):
 def test_patched_kernels_match_stock_xtuner_per_step(tmp_path, tiny_checkpoint, sample_ftdp):
     """Without varlen both paths compute the same model; the patched one on our Triton
     kernels (interpreter), the stock one on XTuner's eager PyTorch forwards."""
-    config = _config_variant(tmp_path, "no_varlen.py", NO_VARLEN)
+    config = config_variant(tmp_path, "no_varlen.py", NO_VARLEN)
     stock, patched, _ = _stock_and_patched_losses(tmp_path, tiny_checkpoint,
                                                   sample_ftdp["root"], config)
     assert patched == pytest.approx(stock, rel=2e-4)
@@ -97,8 +84,8 @@ def test_patched_kernels_match_stock_xtuner_per_step(tmp_path, tiny_checkpoint, 
 def _amp(dtype: str):
     """Config replacements: mmengine's AmpOptimWrapper (fp32 weights, ``dtype`` autocast,
     a dynamic loss scale), in its CPU form (:mod:`tests.cpu_amp`)."""
-    return [("from xtuner_patch.model import SupervisedFinetune",
-             "from xtuner_patch.model import SupervisedFinetune\n"
+    return [("from xtuner.model import SupervisedFinetune",
+             "from xtuner.model import SupervisedFinetune\n"
              "from tests.cpu_amp import CpuAmpOptimWrapper"),
             ("    type=OptimWrapper,\n",
              f"    type=CpuAmpOptimWrapper,\n    dtype='{dtype}',\n    loss_scale='dynamic',\n")]
@@ -109,7 +96,7 @@ def test_fp16_amp_training_matches_stock_xtuner_per_step(tmp_path, tiny_checkpoi
     """mmengine's fp16 AMP, as XTuner's configs set it up (no ``dtype``: fp16 on a GPU):
     the patched model (Triton kernels, fp16 under the interpreter) and XTuner's stock
     model in the same autocast, with the same dynamic loss scale."""
-    config = _config_variant(tmp_path, "amp_fp16.py", NO_VARLEN + _amp("float16"))
+    config = config_variant(tmp_path, "amp_fp16.py", NO_VARLEN + _amp("float16"))
     stock, patched, _ = _stock_and_patched_losses(tmp_path, tiny_checkpoint,
                                                   sample_ftdp["root"], config)
     assert patched == pytest.approx(stock, rel=5e-4)
@@ -123,7 +110,7 @@ def test_varlen_bf16_amp_training_tracks_fp32(tmp_path, tiny_checkpoint, sample_
     for name, replacements in (("fp32", []), ("bf16", _amp("bfloat16"))):
         work = tmp_path / name
         work.mkdir()
-        config = _config_variant(tmp_path, f"{name}.py", replacements)
+        config = config_variant(tmp_path, f"{name}.py", replacements)
         runs[name] = _losses(train(str(work), tiny_checkpoint, sample_ftdp["root"],
                                    config=config, max_iters=4))
     (fp32, _), (bf16, log) = runs["fp32"], runs["bf16"]
@@ -135,15 +122,16 @@ def _lora(dropout: float):
     """Config replacements: XTuner's LoRA (every linear layer, the head ``output`` too)."""
     return [("from transformers import AutoModelForCausalLM",
              "from peft import LoraConfig\nfrom transformers import AutoModelForCausalLM"),
-            ("    use_varlen_attn=varlen_attn,\n",
-             "    use_varlen_attn=varlen_attn,\n    lora=dict(type=LoraConfig, r=8, lora_alpha=16, "
+            ("    use_varlen_attn=use_varlen_attn,\n",
+             "    use_varlen_attn=use_varlen_attn,\n    lora=dict(type=LoraConfig, r=8, "
+             "lora_alpha=16, "
              f"lora_dropout={dropout}, bias='none', task_type='CAUSAL_LM'),\n")]
 
 
 def test_lora_training_matches_stock_xtuner_per_step(tmp_path, tiny_checkpoint, sample_ftdp):
     """XTuner's LoRA: the patched run keeps the fused loss, the adapter on the head
     joining as a low-rank addend."""
-    config = _config_variant(tmp_path, "lora.py", NO_VARLEN + _lora(0.0) + [
+    config = config_variant(tmp_path, "lora.py", NO_VARLEN + _lora(0.0) + [
         # The adapters start at zero: no warm-up, a large rate, so that they matter by step 3.
         ("lr = 2e-3", "lr = 5e-2"), ("start_factor=0.1", "start_factor=1.0")])
     stock, patched, patched_log = _stock_and_patched_losses(tmp_path, tiny_checkpoint,
@@ -169,7 +157,7 @@ def test_lora_with_deepspeed_on_two_ranks(tmp_path, tiny_checkpoint, sample_ftdp
     ZeRO-3, whose hooks gather the adapter's weights, the head's loss comes from the
     logits with one warning per rank, and the losses are the same."""
     pytest.importorskip("deepspeed")
-    config = _config_variant(tmp_path, "lora.py", _lora(0.1))
+    config = config_variant(tmp_path, "lora.py", _lora(0.1))
     runs = {}
     for zero in ("deepspeed_zero2", "deepspeed_zero3"):
         work = tmp_path / zero
@@ -207,24 +195,31 @@ def _xtuner_cli(tmp_path, config, checkpoint, data, env):
 
 
 def test_xtuner_patch_env_var_patches_plain_xtuner_train(tmp_path, tiny_checkpoint, sample_ftdp):
+    """The tiny config is a plain XTuner config (XTuner's model type, ``use_varlen_attn``):
+    without the patch, check_cfg refuses varlen attention on a machine without
+    flash-attn; ``XTUNER_PATCH=1`` patches every process, check_cfg included."""
     _installed_pth()
-    # XTuner's own model type and XTuner's own `use_varlen_attn` name: without the
-    # patch, check_cfg refuses varlen attention on a machine without flash-attn.
-    config = _config_variant(tmp_path, "stock_names.py", [
-        ("from xtuner_patch.model import SupervisedFinetune",
-         "from xtuner.model import SupervisedFinetune"),
-        ("varlen_attn = True", "use_varlen_attn = varlen_attn = True")])
-    proc = _xtuner_cli(tmp_path, config, tiny_checkpoint, sample_ftdp["root"],
+    proc = _xtuner_cli(tmp_path, TINY_CONFIG, tiny_checkpoint, sample_ftdp["root"],
                        {"XTUNER_PATCH": "1"})
     log = proc.stdout + proc.stderr
     assert PATCH_LINE in log, log[-5000:]
     assert [r["iter"] for r in iteration_metrics(log)] == [1, 2], log[-5000:]
 
 
-def test_config_with_our_model_type_patches_plain_xtuner_train(tmp_path, tiny_checkpoint,
-                                                               sample_ftdp):
+def test_config_with_our_model_type_still_patches_with_a_warning(tmp_path, tiny_checkpoint,
+                                                                 sample_ftdp):
+    """The former way (a config naming ``xtuner_patch.model.SupervisedFinetune``, varlen
+    switch renamed past check_cfg) still patches plain ``xtuner train``, and says that it
+    is deprecated."""
     _installed_pth()
-    proc = _xtuner_cli(tmp_path, TINY_CONFIG, tiny_checkpoint, sample_ftdp["root"], {})
+    config = config_variant(tmp_path, "our_model_type.py", [
+        ("from xtuner.model import SupervisedFinetune",
+         "from xtuner_patch.model import SupervisedFinetune"),
+        ("use_varlen_attn = True", "varlen_attn = True"),
+        ("use_varlen_attn=use_varlen_attn", "use_varlen_attn=varlen_attn")])
+    proc = _xtuner_cli(tmp_path, config, tiny_checkpoint, sample_ftdp["root"], {})
     log = proc.stdout + proc.stderr
     assert PATCH_LINE in log, log[-5000:]
+    assert "xtuner_patch.model.SupervisedFinetune switched the patch on, which is deprecated" \
+        in log
     assert [r["iter"] for r in iteration_metrics(log)] == [1, 2], log[-5000:]

@@ -8,6 +8,25 @@ from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(REPO, "configs", "internlm2_tiny_ftdp_cpu.py")
+# Config replacements: packed rows without varlen attention, which XTuner's stock path runs
+# on a CPU too (its varlen attention needs flash-attn).
+NO_VARLEN = [("use_varlen_attn = True", "use_varlen_attn = False"),
+             ("custom_hooks = [dict(type=ThroughputHook), dict(type=VarlenAttnArgsToMessageHubHook)]",
+              "custom_hooks = [dict(type=ThroughputHook)]")]
+
+
+def config_variant(tmp_path, name, replacements, base: str = TINY_CONFIG) -> str:
+    """A copy of ``base`` with exact text replacements (each must apply), in ``tmp_path``."""
+    text = open(base).read()
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new)
+    path = os.path.join(str(tmp_path), name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 _ITER_LINE = re.compile(r"Iter\(train\) \[\s*(\d+)/\s*\d+\].*")
 _METRIC = re.compile(r"(\w+): (-?[0-9.]+(?:e[-+]?\d+)?|nan|inf)")
 
