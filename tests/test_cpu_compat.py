@@ -37,4 +37,15 @@ def test_xtuner_bf16_query_works_on_cpu():
     device = pytest.importorskip("xtuner.utils.device")
     # XTuner asks the current device module; on a CPU host that is torch.cpu.
     assert device.get_torch_device() is torch.cpu
-    assert isinstance(device.get_torch_device().is_bf16_supported(), bool)
+    # bf16 runs on every CPU torch supports (emulated without bf16 instructions), as
+    # torch.cuda.is_bf16_supported(including_emulation=True) reports for GPUs; XTuner
+    # picks DeepSpeed's bf16 over fp16 (which DeepSpeed cannot run on a CPU) from it.
+    assert device.get_torch_device().is_bf16_supported() is True
+    assert torch.ones(2, dtype=torch.bfloat16).sum().item() == 2
+    native = torch.cpu.is_bf16_supported(including_emulation=False)
+    assert native == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    from xtuner.tools.utils import auto_dtype_of_deepspeed_config
+
+    resolved = auto_dtype_of_deepspeed_config({"fp16": {"enabled": "auto"},
+                                               "bf16": {"enabled": "auto"}})
+    assert resolved["bf16"]["enabled"] is True and resolved["fp16"]["enabled"] is False

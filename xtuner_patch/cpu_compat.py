@@ -6,8 +6,12 @@ when ``torch.cuda.is_available()`` is False; on a GPU machine nothing here runs.
 shim fills a gap in how XTuner / mmengine call torch, not in what the CPU can do:
 
 - ``torch.cpu.is_bf16_supported``: XTuner calls ``get_torch_device().is_bf16_supported()``
-  (``torch.cpu`` on a CPU host), which torch does not define.  The shim answers
-  whether oneDNN has native bf16 kernels on this CPU.
+  (``torch.cpu`` on a CPU host), which torch does not define.  The shim answers as
+  ``torch.cuda.is_bf16_supported`` does: with ``including_emulation`` (the default)
+  True, since torch runs bf16 on every CPU (emulated where the CPU has no bf16
+  instructions); without it, whether oneDNN has native bf16 kernels here.  XTuner
+  resolves DeepSpeed's ``"auto"`` dtypes with it, and DeepSpeed on the CPU runs bf16 but
+  not fp16, so an AVX2-only host must hear True too.
 - ``torch.cuda.set_device``: mmengine's PyTorch launcher calls it on every rank before
   ``init_process_group``, which fails without a CUDA driver.  With no CUDA device
   there is nothing to select, so the shim makes the call a no-op.
@@ -21,6 +25,8 @@ _ORIGINALS = {}
 
 
 def _cpu_is_bf16_supported(including_emulation: bool = True) -> bool:
+    if including_emulation:
+        return True
     mkldnn_check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     try:
         return bool(mkldnn_check()) if mkldnn_check is not None else False
