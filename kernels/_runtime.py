@@ -21,6 +21,21 @@ INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ints.
+
+    Launchers call this on every launch; ``triton.cdiv`` is a constexpr function
+    whose host call costs microseconds, which adds up at small shapes.
+    """
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for 0, as triton's); see ``cdiv`` for why not
+    triton's."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def autotune_configs(gpu_configs: Sequence[triton.Config],
                      interpreter_config: triton.Config) -> list:
     """Configs for ``@triton.autotune``: the full list on a GPU, one under the interpreter.
@@ -152,7 +167,8 @@ class TensorMemo:
     weak references, so a memo keeps no tensor alive (an attention mask can be large),
     and an entry whose tensor has died matches nothing, even a new tensor at the same
     address.  Writes that bypass the counter (``.data``, NumPy views) are not seen.
-    Inference-mode tensors have no counter and are never memoised.  The ``size`` most
+    Inference-mode tensors have no counter and are never memoised (nor are non-tensors:
+    ``compute`` then runs and reports them).  The ``size`` most
     recently used entries are kept.  Thread-safe.
     """
 
@@ -163,7 +179,7 @@ class TensorMemo:
 
     def get(self, tensors: Sequence[torch.Tensor], extra: Hashable, compute: Callable):
         """``compute()``, or its value from an earlier call with the same tensors and ``extra``."""
-        if any(t.is_inference() for t in tensors):
+        if any(not isinstance(t, torch.Tensor) or t.is_inference() for t in tensors):
             return compute()
         key = tuple(id(t) for t in tensors) + (extra,)
         versions = tuple(t._version for t in tensors)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from kernels._runtime import FLOAT_DTYPES, check_tensor
+from kernels._runtime import FLOAT_DTYPES, cdiv, check_tensor, next_power_of_2
 from kernels.reference.cross_entropy import REDUCTIONS, shift_targets
 
 # Default tokens per chunk.  Every chunk after the first reads and writes the fp32
@@ -117,7 +117,7 @@ def _cross_entropy_rows_kernel(
 def default_chunk_size(n_tokens: int) -> int:
     """Rows per chunk: :data:`CHUNK_TOKENS` at most, balanced so that chunks are of nearly
     equal size (8192 tokens: 2 x 4096; 5000 tokens: 2 x 2500)."""
-    return max(1, triton.cdiv(n_tokens, max(1, triton.cdiv(n_tokens, CHUNK_TOKENS))))
+    return max(1, cdiv(n_tokens, max(1, cdiv(n_tokens, CHUNK_TOKENS))))
 
 
 def _check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> int:
@@ -142,7 +142,7 @@ def recomputes_weight_grad(mode: str, n_tokens: int, hidden_size: int) -> bool:
 
 def _rows_kernel(logits, targets, losses, lse, scale, ignore_index, *, first_col=0,
                  lse_known=False, compute_grad=True):
-    block_v = min(_BLOCK_V, triton.next_power_of_2(logits.shape[1]))
+    block_v = min(_BLOCK_V, next_power_of_2(logits.shape[1]))
     _cross_entropy_rows_kernel[(logits.shape[0],)](
         logits, targets, losses, lse, logits.shape[1], first_col, logits.stride(0), scale,
         ignore_index, LSE_KNOWN=lse_known, COMPUTE_GRAD=compute_grad, BLOCK_V=block_v,

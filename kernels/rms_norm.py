@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import FLOAT_DTYPES, as_rows, check_tensor, multiprocessor_count
+from kernels._runtime import (FLOAT_DTYPES, as_rows, cdiv, check_tensor, multiprocessor_count,
+                              next_power_of_2)
 from kernels.reference.norm import rms_norm_reference
 
 # Rows wider than this would need more registers per program than a GPU has; such
@@ -118,7 +119,7 @@ def _rms_norm_bwd_kernel(
 
 def _tile(n_cols: int) -> Tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps)`` for rows of ``n_cols`` elements."""
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = next_power_of_2(n_cols)
     # Narrow rows share a program so each program still moves a few KiB.
     block_m = max(1, min(16, 2048 // block_n))
     num_warps = min(32, max(4, block_m * block_n // 512))
@@ -136,7 +137,7 @@ def _forward(x2: torch.Tensor, weight: torch.Tensor, r2: Optional[torch.Tensor],
         return y, s, rstd
     block_m, block_n, num_warps = _tile(n_cols)
     r_arg = r2 if r2 is not None else x2
-    _rms_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+    _rms_norm_fwd_kernel[(cdiv(n_rows, block_m),)](
         x2, r_arg, weight, y, s, rstd,
         n_rows, n_cols,
         x2.stride(0), r_arg.stride(0), y.stride(0), s.stride(0),
@@ -161,10 +162,10 @@ def _backward(dy: torch.Tensor, ds: Optional[torch.Tensor], x2: torch.Tensor,
     else:
         dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     block_m, block_n, num_warps = _tile(n_cols)
-    n_tiles = triton.cdiv(n_rows, block_m)
+    n_tiles = cdiv(n_rows, block_m)
     programs = min(n_tiles, multiprocessor_count(x2.device) * _BWD_PROGRAMS_PER_SM)
-    rows_per_program = triton.cdiv(n_tiles, max(programs, 1)) * block_m
-    programs = triton.cdiv(n_rows, rows_per_program) if n_rows else 0
+    rows_per_program = cdiv(n_tiles, max(programs, 1)) * block_m
+    programs = cdiv(n_rows, rows_per_program) if n_rows else 0
     dw_partial = torch.empty((programs, n_cols) if compute_dw else (1,),
                              dtype=torch.float32, device=x2.device)
     if programs:

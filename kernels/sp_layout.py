@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import FLOAT_DTYPES, check_tensor
+from kernels._runtime import FLOAT_DTYPES, cdiv, check_tensor, next_power_of_2
 from kernels.rotary import check_split_qkv_rotary, launch_rotary
 
 # A table row: (tensor: 0 q, 1 k, 2 v; head) then, per slot holding that head, (heads
@@ -202,9 +202,9 @@ def _launch(split: HeadSplit, tensors: Sequence[torch.Tensor], buffer: torch.Ten
     if tokens == 0 or table.shape[0] == 0:
         return
     q, k, v = tensors if kv else (tensors[0],) * 3
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = next_power_of_2(head_dim)
     block_t = max(1, min(64, 4096 // block_d))
-    _heads_kernel[(triton.cdiv(tokens, block_t), table.shape[0])](
+    _heads_kernel[(cdiv(tokens, block_t), table.shape[0])](
         q, k, v, buffer, table, tokens, head_dim,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ROW=table.shape[1], SLOTS=(table.shape[1] - _ROW_HEAD) // _PER_SLOT,

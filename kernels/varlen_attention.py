@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import (FLOAT_DTYPES, INTERPRETER, TensorMemo, autotune_configs,
-                              check_cu_seqlens, check_max_seqlen, check_tensor, packed_heads)
+from kernels._runtime import (FLOAT_DTYPES, INTERPRETER, TensorMemo, autotune_configs, cdiv,
+                              check_cu_seqlens, check_max_seqlen, check_tensor, next_power_of_2,
+                              packed_heads)
 
 # 96 runs in 128-wide tiles with masked columns.  256 would need smaller tiles than the
 # tuned configs to fit in shared memory.
@@ -488,7 +489,7 @@ def _plan(cu_seqlens_q, cu_seqlens_k, total_q, total_k, device) -> _Plan:
 
 
 def _block_d(head_dim: int) -> int:
-    return triton.next_power_of_2(head_dim)
+    return next_power_of_2(head_dim)
 
 
 def _forward(q, k, v, cu_q, cu_k, q_work, scale, causal):
@@ -527,7 +528,7 @@ def _backward(dout, q, k, v, out, lse, cu_q, cu_k, q_work, kv_work, scale, causa
     upcast = _upcast(q)
     if total_q:
         block_t = 64
-        _delta_kernel[(triton.cdiv(total_q, block_t), hq)](
+        _delta_kernel[(cdiv(total_q, block_t), hq)](
             out, dout, delta, total_q, out.stride(0), out.stride(1),
             dout.stride(0), dout.stride(1), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_T=block_t)
     n_kv_items = kv_work.numel() // 2

@@ -89,3 +89,14 @@ def test_packed_heads_refuses_anything_else():
     gap = torch.randn(5, 8, 4)
     assert packed_heads((gap[:, :4], gap[:, 5:])) is None  # a head between them
     assert packed_heads((whole[:, :4].double(), whole[:, 4:])) is None
+
+
+def test_cdiv_and_next_power_of_2_match_triton():
+    import triton
+
+    from kernels._runtime import cdiv, next_power_of_2
+
+    for a in range(0, 70):
+        for b in (1, 2, 7, 16, 64):
+            assert cdiv(a, b) == triton.cdiv(a, b)
+        assert next_power_of_2(a) == triton.next_power_of_2(a)
