@@ -92,10 +92,11 @@ def split_qkv_rotary(qkv, num_kv_heads, head_dim, *, fused: bool = True, **rope)
     return reference.split_qkv_rotary_reference(qkv, num_kv_heads, head_dim, **rope)
 
 
-def swiglu(a, b):
-    """``silu(a) * b``, the gate of InternLM2's MLP."""
+def swiglu(a, b, *, in_place_grad=False):
+    """``silu(a) * b``, the gate of InternLM2's MLP; ``in_place_grad`` as in
+    :func:`kernels.swiglu` (the reference path allocates its gradients as usual)."""
     if use_triton(a, b):
-        return _triton_swiglu(a, b)
+        return _triton_swiglu(a, b, in_place_grad=in_place_grad)
     return reference.swiglu_reference(a, b)
 
 

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import FLOAT_DTYPES, check_cu_seqlens, check_tensor
+from kernels._runtime import (FLOAT_DTYPES, TensorMemo, cdiv, check_cu_seqlens, check_tensor,
+                              next_power_of_2)
 
 # 2*pi = _TWO_PI_A + _TWO_PI_B + _TWO_PI_C (to 2e-13).  A and B have 8 significant
 # bits, so turns * A and turns * B are exact fp32 products for |turns| < 2**16.
@@ -180,6 +181,13 @@ def _heads(x: torch.Tensor) -> _Heads:
     return _Heads(x, *x.shape[:4], tuple(x.stride()[:4]))
 
 
+# Host values read from position tensors (a device sync each): every layer of a model
+# rotates with the same positions within a step, so only the first layer reads them.
+_POSITION_READS = TensorMemo()
+# fp32 copies of inv_freq buffers held in another dtype (a bf16 model's), made once.
+_FP32_INV_FREQ = TensorMemo()
+
+
 class _Positions(NamedTuple):
     position_ids: Optional[torch.Tensor]
     stride_b: int
@@ -214,7 +222,7 @@ def _launch(groups: Sequence[Tuple[_Heads, _Heads]], copy: Optional[Tuple[_Heads
     n_tokens = first.n_batch * first.seqlen
     if n_tokens == 0:
         return
-    block_half = triton.next_power_of_2(half)
+    block_half = next_power_of_2(half)
     block_t, heads_per_tile, num_warps = _tile(block_half)
 
     def args(pair):
@@ -226,9 +234,9 @@ def _launch(groups: Sequence[Tuple[_Heads, _Heads]], copy: Optional[Tuple[_Heads
                               (groups[0][0]._replace(outer=0), groups[0][1]))
     (v, v_out), v_args = args(copy if copy is not None else
                               (groups[0][0]._replace(outer=0), groups[0][1]))
-    block_hq = min(triton.next_power_of_2(groups[0][0].outer * groups[0][0].inner),
+    block_hq = min(next_power_of_2(groups[0][0].outer * groups[0][0].inner),
                    heads_per_tile)
-    block_hk = min(triton.next_power_of_2(max(k_args[0] * k_args[1], v_args[0] * v_args[1], 1)),
+    block_hk = min(next_power_of_2(max(k_args[0] * k_args[1], v_args[0] * v_args[1], 1)),
                    heads_per_tile)
 
     dummy = q
@@ -239,7 +247,7 @@ def _launch(groups: Sequence[Tuple[_Heads, _Heads]], copy: Optional[Tuple[_Heads
     sin = angles.sin if angles.sin is not None else dummy
     cos_stride = angles.cos.stride(0) if angles.cos is not None else 0
     sin_stride = angles.sin.stride(0) if angles.sin is not None else 0
-    _rotary_kernel[(triton.cdiv(n_tokens, block_t),)](
+    _rotary_kernel[(cdiv(n_tokens, block_t),)](
         q, q_out, k, k_out, v, v_out,
         pos, cu, inv_freq, cos, sin,
         n_tokens, first.seqlen, half,
@@ -266,7 +274,7 @@ def _empty_like_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 class _RotaryFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, positions, angles, interleaved, in_place):
+    def forward(ctx, q, k, positions, angles, interleaved, in_place, in_place_grad):
         q_out, k_out = (q, k) if in_place else (_empty_like_contiguous(q),
                                                 _empty_like_contiguous(k))
         _launch([(_heads(q), _heads(q_out)), (_heads(k), _heads(k_out))], None,
@@ -274,18 +282,21 @@ class _RotaryFunction(torch.autograd.Function):
         if in_place:
             ctx.mark_dirty(q, k)
         ctx.positions, ctx.angles, ctx.interleaved = positions, angles, interleaved
+        ctx.in_place_grad = in_place_grad
         ctx.set_materialize_grads(False)
         return q_out, k_out
 
     @staticmethod
     def backward(ctx, dq, dk):
         grads = [g if g is None or g.stride(-1) == 1 else g.contiguous() for g in (dq, dk)]
-        outs = [None if g is None else _empty_like_contiguous(g) for g in grads]
+        # Only a dense gradient can take its result in place (an expanded one aliases).
+        outs = [None if g is None else g if ctx.in_place_grad and g.is_contiguous()
+                else _empty_like_contiguous(g) for g in grads]
         pairs = [(_heads(g), _heads(o)) for g, o in zip(grads, outs) if g is not None]
         if pairs:
             _launch(pairs, None, ctx.positions, ctx.angles, pairs[0][0].tensor.shape[-1] // 2,
                     ctx.interleaved, inverse=True)
-        return outs[0], outs[1], None, None, None, None
+        return outs[0], outs[1], None, None, None, None, None
 
 
 class _SplitQKVRotaryFunction(torch.autograd.Function):
@@ -364,18 +375,28 @@ def _check_positions(n_batch: int, seqlen: int, device: torch.device,
             raise ValueError(f"position_ids is on {position_ids.device} but q is on {device}")
         span = None
         if need_max and position_ids.numel():
-            lo, hi = torch.aminmax(position_ids)
-            span = (int(lo), int(hi))
+            span = _POSITION_READS.get((position_ids,), "span", lambda: tuple(
+                int(v) for v in torch.aminmax(position_ids)))
         return _Positions(position_ids, stride_b, stride_s, None, 0, 0), span
 
-    lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, None)
+    position_offset = int(position_offset)
+    n_seqs, span = _POSITION_READS.get(
+        (cu_seqlens,), ("cu_seqlens", seqlen, position_offset, need_max),
+        lambda: _read_cu_seqlens(cu_seqlens, seqlen, position_offset, need_max))
     if n_batch != 1:
         raise ValueError("cu_seqlens describes packed tokens: q and k must be [tokens, heads, d] "
                          f"(or have batch size 1), got batch size {n_batch}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    return _Positions(None, 0, 0, cu_seqlens, n_seqs, position_offset), span
+
+
+def _read_cu_seqlens(cu_seqlens: torch.Tensor, seqlen: int, position_offset: int,
+                     need_max: bool) -> Tuple[int, Optional[Tuple[int, int]]]:
+    """Validate ``cu_seqlens`` for ``seqlen`` local tokens at ``position_offset``; the
+    number of sequences and, when ``need_max``, the positions the local tokens span."""
+    lengths = check_cu_seqlens("cu_seqlens", cu_seqlens, None)
     total = int(lengths.sum())
-    position_offset = int(position_offset)
     if position_offset < 0 or position_offset + seqlen > total:
         raise ValueError(f"tokens [{position_offset}, {position_offset + seqlen}) (position_offset "
                          f"+ local tokens) must lie inside the {total} tokens cu_seqlens describes")
@@ -388,7 +409,7 @@ def _check_positions(n_batch: int, seqlen: int, device: torch.device,
         first = torch.clamp(starts, min=lo)[overlap] - starts[overlap]
         last = torch.clamp(ends, max=hi)[overlap] - 1 - starts[overlap]
         span = (int(first.min()), int(last.max()))
-    return _Positions(None, 0, 0, cu_seqlens, len(lengths), position_offset), span
+    return len(lengths), span
 
 
 def _check_angles(half: int, device: torch.device, inv_freq: Optional[torch.Tensor],
@@ -406,7 +427,9 @@ def _check_angles(half: int, device: torch.device, inv_freq: Optional[torch.Tens
             raise ValueError(f"inv_freq is on {inv_freq.device} but q is on {device}")
         if not position_divisor > 0:
             raise ValueError(f"position_divisor must be positive, got {position_divisor}")
-        return _Angles(inv_freq.float(), float(position_divisor), None, None)
+        if inv_freq.dtype != torch.float32:
+            inv_freq = _FP32_INV_FREQ.get((inv_freq,), None, inv_freq.float)
+        return _Angles(inv_freq, float(position_divisor), None, None)
     if position_divisor != 1.0:
         raise ValueError("position_divisor applies to inv_freq; bake it into cos_sin_cache")
     if not isinstance(cos_sin_cache, (tuple, list)) or len(cos_sin_cache) != 2:
@@ -450,8 +473,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, *,
                  cu_seqlens: Optional[torch.Tensor] = None, position_offset: int = 0,
                  inv_freq: Optional[torch.Tensor] = None, position_divisor: float = 1.0,
                  cos_sin_cache: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-                 interleaved: bool = False, in_place: bool = False
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+                 interleaved: bool = False, in_place: bool = False,
+                 in_place_grad: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q`` and ``k`` by their tokens' positions in one launch; differentiable.
 
     Args:
@@ -463,8 +486,9 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, *,
             sample, as XTuner's varlen collate produces.
         cu_seqlens: instead of ``position_ids``, int32 ``[n + 1]`` cumulative lengths of
             the packed samples; the position is the token's index inside its sample.
-            It is validated on the host (one device sync per call), so in a training
-            loop ``position_ids`` is the cheaper source.
+            It is validated on the host (a device sync) the first time a given
+            ``cu_seqlens`` tensor comes, and not again while it is unmodified (the
+            layers of a model share it within a step).
         position_offset: with ``cu_seqlens``, the index in that packing of the first
             local token (a sequence-parallel rank's shard start); cu_seqlens describes
             the whole packing.
@@ -477,6 +501,12 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, *,
         in_place: write the result into ``q`` and ``k``.  Under autograd PyTorch allows
             this only for tensors that are not views (use :func:`split_qkv_rotary` for
             the fused ``wqkv`` output).
+        in_place_grad: the backward rotates the incoming gradients in their own buffers
+            (when they are contiguous) instead of allocating new ones; with ``in_place``,
+            neither pass allocates.  Only for outputs whose gradient buffers nobody else
+            reads: true when each output feeds one op that computes a fresh gradient
+            (attention does), not when it feeds, e.g., an addition (PyTorch hands the
+            same gradient tensor to both of its inputs) or a hook that keeps ``grad``.
 
     Returns:
         ``(q_rotated, k_rotated)``: ``q`` and ``k`` themselves when ``in_place``, else
@@ -506,7 +536,8 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, *,
         raise ValueError("in_place=True under autograd needs q and k that are not views "
                          "(PyTorch cannot record one in-place function on two views); pass "
                          "in_place=False or use split_qkv_rotary")
-    return _RotaryFunction.apply(q, k, positions, angles, bool(interleaved), bool(in_place))
+    return _RotaryFunction.apply(q, k, positions, angles, bool(interleaved), bool(in_place),
+                                 bool(in_place_grad))
 
 
 def split_qkv_rotary(qkv: torch.Tensor, num_kv_heads: int, head_dim: int, *,

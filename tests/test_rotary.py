@@ -313,6 +313,32 @@ def test_in_place_under_autograd(gen, dtype):
     assert torch.equal(grads[0], expected_grads[0]) and torch.equal(grads[1], expected_grads[1])
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_in_place_grad_rotates_the_incoming_gradients(gen, in_place):
+    q0 = leaf(randn((30, 4, 16), generator=gen))
+    k0 = leaf(randn((30, 2, 16), generator=gen))
+    inv_freq, _ = rotary_inv_freq(16, 1e6, device=DEVICE)
+    cu_seqlens = _cu_seqlens([12, 18])
+    expected = apply_rotary(q0, k0, cu_seqlens=cu_seqlens, inv_freq=inv_freq)
+    dq, dk = randn(q0.shape, generator=gen), randn(k0.shape, generator=gen)
+    expected_grads = torch.autograd.grad(expected, [q0, k0], [dq, dk])
+
+    q_out, k_out = apply_rotary(q0 * 1, k0 * 1, cu_seqlens=cu_seqlens, inv_freq=inv_freq,
+                                in_place=in_place, in_place_grad=True)
+    seen = []
+    q_out.grad_fn.register_hook(lambda grad_inputs, grad_outputs: seen.extend(grad_inputs))
+    incoming = (dq.clone(), dk.clone())
+    grads = torch.autograd.grad([q_out, k_out], [q0, k0], incoming)
+    assert torch.equal(grads[0], expected_grads[0]) and torch.equal(grads[1], expected_grads[1])
+    assert [g.data_ptr() for g in seen] == [t.data_ptr() for t in incoming]
+    # An expanded gradient (every element one value) cannot hold the result: copied.
+    q_out, k_out = apply_rotary(q0, k0, cu_seqlens=cu_seqlens, inv_freq=inv_freq,
+                                in_place_grad=True)
+    (q_out.sum() + k_out.sum()).backward()
+    ones = [torch.ones_like(q0), torch.ones_like(k0)]
+    assert_rel_close(q0.grad, torch.autograd.grad(expected, [q0, k0], ones)[0], name="dq")
+
+
 def test_rotary_positions_reference():
     cu = _cu_seqlens([3, 4])
     assert rotary_positions(1, 5, cu_seqlens=cu, position_offset=2).tolist() == [[2, 0, 1, 2, 3]]

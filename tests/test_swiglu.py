@@ -96,3 +96,46 @@ def test_bad_inputs_name_the_argument(gen, make, error, message):
     a = randn((6, 8), generator=gen)
     with pytest.raises(error, match=message):
         swiglu(*make(a))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused-halves"])
+def test_in_place_grad_writes_gradients_over_the_inputs(gen, fused):
+    """The MLP's option: da/db land in a's and b's buffers and equal the allocating path's."""
+    x = leaf(randn((5, 2 * 96), generator=gen, scale=2.0))
+    if fused:
+        both = x * 1
+        a, b = both[:, :96], both[:, 96:]
+    else:
+        a, b = x[:, :96] * 1, x[:, 96:] * 1
+    dy = randn((5, 96), generator=gen)
+    expected = torch.autograd.grad(swiglu(a, b), [x], dy, retain_graph=True)[0]
+    a_ptr, b_ptr = a.data_ptr(), b.data_ptr()
+    got_da = []
+    a.register_hook(got_da.append)
+    y = swiglu(a, b, in_place_grad=True)
+    (grad,) = torch.autograd.grad(y, [x], dy)
+    assert torch.equal(grad, expected)
+    assert got_da[0].data_ptr() == a_ptr and torch.equal(a, got_da[0])
+    assert b.data_ptr() == b_ptr and torch.equal(b, expected[:, 96:])
+
+
+def test_in_place_grad_refuses_what_it_would_corrupt(gen):
+    a, b = (leaf(randn((4, 32), generator=gen)) for _ in range(2))
+    with pytest.raises(ValueError, match="a, a leaf tensor that requires grad"):
+        swiglu(a, b, in_place_grad=True)
+    shared = a * 1
+    with pytest.raises(ValueError, match="overlap"):
+        swiglu(shared, shared, in_place_grad=True)
+    with pytest.raises(ValueError, match="overlap"):
+        swiglu(shared[:, :20], shared[:, 10:30], in_place_grad=True)
+    # A second backward would read gradients as inputs.
+    y = swiglu(a * 1, b * 1, in_place_grad=True)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run its backward twice"):
+        y.sum().backward()
+    # So would another op that saved a: autograd's version check stops it.
+    base = leaf(randn((4, 32), generator=gen))
+    a = torch.exp(base)  # exp saves its output for its own backward
+    y = swiglu(a, b * 1, in_place_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

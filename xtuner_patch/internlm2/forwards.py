@@ -136,7 +136,10 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
 
 
 def mlp_forward(self, x):
-    return self.w2(backend.swiglu(self.w1(x), self.w3(x)))
+    # w1(x) and w3(x) are needed by nothing but the gate, so its backward writes their
+    # gradients over them (two [tokens, intermediate] buffers less at the backward's peak).
+    # A hook that keeps those outputs for its own backward gets PyTorch's in-place error.
+    return self.w2(backend.swiglu(self.w1(x), self.w3(x), in_place_grad=True))
 
 
 def lm_head_forward(self, hidden_states, labels=None, shift_labels=True, low_rank=None):
