@@ -3,7 +3,10 @@
 - ``rope_fwd_bwd``: q ``[tokens, hq, d]`` and k ``[tokens, hkv, d]`` (bf16, packed
   samples of 8k tokens, positions restarting per sample, rope_theta 1e6).  Baselines
   compute cos/sin with InternLM2's rotary module inside the timed region, as the model
-  does; ours computes them in the kernel.
+  does; ours computes them in the kernel.  Ours rotates q and k in their own buffers and
+  the gradients in theirs (``in_place=True, in_place_grad=True``, on inputs made fresh
+  before every round, untimed), as Liger-Kernel does; ``xtuner-patch-out-of-place``
+  allocates outputs and gradients (the defaults).
 - ``split_rope_fwd_bwd``: from the ``wqkv`` projection output ``[tokens, (hq + 2 hkv)
   d]`` to contiguous rotated q, k and plain v (the attention kernel's layout).  Ours is
   the fused ``split_qkv_rotary``; ``xtuner-patch-views`` is ``apply_rotary`` on strided
@@ -26,7 +29,8 @@ THETA = 1e6
 SAMPLE_LEN = 8192
 DTYPE = torch.bfloat16
 
-ROPE_IMPLS = [OURS, "hf-pytorch", "xtuner-triton", "liger-kernel"]
+OUT_OF_PLACE = "xtuner-patch-out-of-place"
+ROPE_IMPLS = [OURS, OUT_OF_PLACE, "hf-pytorch", "xtuner-triton", "liger-kernel"]
 SPLIT_IMPLS = [OURS, "xtuner-patch-views", "hf-pytorch"]
 
 CASES = [dict(bench=bench, model=m, hq=hq, hkv=hkv, head_dim=HEAD_DIM, tokens=t, dtype="bf16")
@@ -52,7 +56,7 @@ def _hf_cos_sin(hf, like, position_ids):
 
 def _rope_step(impl, q, k, position_ids):
     """Forward + backward of rotating q ``[t, hq, d]`` and k ``[t, hkv, d]``."""
-    if impl == OURS:
+    if impl == OUT_OF_PLACE:
         from kernels import apply_rotary, rotary_inv_freq
 
         inv_freq, _ = rotary_inv_freq(HEAD_DIM, THETA, device=q.device)
@@ -144,12 +148,41 @@ def test_rotary(benchmark, impl, case):
         forward = _split_step(impl, qkv, hq, hkv, position_ids)
         bytes_moved = 4.0 * elem * t * (hq + 2 * hkv) * HEAD_DIM
 
-    outs = forward()
-    grads_out = [torch.randn_like(o) for o in outs]
-    del outs
+    if impl == OURS and case["bench"] == "rope_fwd_bwd":
+        step, setup = _in_place_rope_step(q, k, position_ids, gen)
+    else:
+        outs = forward()
+        grads_out = [torch.randn_like(o) for o in outs]
+        del outs
+        setup = None
+
+        def step():
+            return torch.autograd.grad(forward(), inputs, grads_out)
+
+    measure(benchmark, step, impl=impl, case=case, bytes_moved=bytes_moved, setup=setup)
+    record_copy_share(benchmark)
+
+
+def _in_place_rope_step(q, k, position_ids, gen):
+    """``(step, setup)``: RoPE rotating inputs and gradients in their own buffers.
+
+    ``setup`` makes the inputs (clones of the leaves ``q``/``k``: non-leaf, as in a model,
+    with a backward that passes the gradient through without a kernel) and the incoming
+    gradients anew, since the step overwrites both.
+    """
+    from kernels import apply_rotary, rotary_inv_freq
+
+    inv_freq, _ = rotary_inv_freq(HEAD_DIM, THETA, device=q.device)
+    grads = [torch.randn(t.shape, generator=gen, device=t.device, dtype=t.dtype) for t in (q, k)]
+    state = {}
+
+    def setup():
+        state["inputs"] = [q.clone(), k.clone()]
+        state["grads"] = [g.clone() for g in grads]
 
     def step():
-        return torch.autograd.grad(forward(), inputs, grads_out)
+        outs = apply_rotary(*state["inputs"], position_ids=position_ids, inv_freq=inv_freq,
+                            in_place=True, in_place_grad=True)
+        return torch.autograd.grad(outs, [q, k], state["grads"])
 
-    measure(benchmark, step, impl=impl, case=case, bytes_moved=bytes_moved)
-    record_copy_share(benchmark)
+    return step, setup

@@ -5,6 +5,11 @@ packed row of 8k, 32k or 128k tokens split by one of three length mixes: equal 1
 samples, a log-normal mix of SFT lengths (fixed seed), one sample filling the row.
 Passes: forward, backward (the forward runs untimed in ``setup``) and both.
 
+Peers: PyTorch's FA2 (``fa2``; flash-attn's varlen interface), FlexAttention
+(``flex-attention``: ``torch.compile``d ``flex_attention`` with a document-causal block
+mask built once per workload outside the timing, ``enable_gqa``), XTuner's path (K/V
+repeated, then FA2) and a dense SDPA loop.
+
 FLOPs are the causal work of the problem: per sample of length L, ``L (L + 1) / 2``
 query-key pairs, two matrix products of ``2 * d`` FLOPs per pair and query head in the
 forward pass; the backward pass counts 2.5 times that (five products instead of two).
@@ -36,8 +41,9 @@ PASSES = ("fwd", "bwd", "fwd_bwd")
 FA2 = "fa2"
 XTUNER = "xtuner-repeat-kv-fa2"
 SDPA = "sdpa-dense-loop"
+FLEX = "flex-attention"
 OURS_NEW_PACKING = "xtuner-patch-new-packing"
-IMPLS = (OURS, OURS_NEW_PACKING, FA2, XTUNER, SDPA)
+IMPLS = (OURS, OURS_NEW_PACKING, FA2, FLEX, XTUNER, SDPA)
 BWD_FLOP_RATIO = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 
@@ -67,6 +73,39 @@ def _impl_fn(impl: str):
         return new_packing
     fn = {FA2: fa2_varlen, XTUNER: xtuner_varlen, SDPA: sdpa_dense_loop}[impl]
     return lambda q, k, v, cu, m: fn(q, k, v, cu, cu, m, m, True)
+
+
+_FLEX = {}
+
+
+def _flex_attention(data: dict):
+    """``attn(q, k, v, cu, m)`` through compiled FlexAttention, the block mask of
+    ``data``'s packing made (once per workload) outside the timed calls."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        skip_missing(FLEX, f"torch.nn.attention.flex_attention does not import: {exc!r}")
+    if "compiled" not in _FLEX:
+        _FLEX["compiled"] = torch.compile(flex_attention, dynamic=False)
+    if "block_mask" not in data:
+        cu = data["cu"].long()
+        tokens = int(cu[-1])
+        document = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device),
+                                           cu[1:] - cu[:-1])
+
+        def document_causal(b, h, q_idx, kv_idx):
+            return (document[q_idx] == document[kv_idx]) & (q_idx >= kv_idx)
+
+        data["block_mask"] = create_block_mask(document_causal, None, None, tokens, tokens,
+                                               device=cu.device)
+    compiled, block_mask = _FLEX["compiled"], data["block_mask"]
+
+    def attn(q, k, v, cu, m):
+        # [tokens, heads, d] -> [1, heads, tokens, d] views; FlexAttention takes strides.
+        out = compiled(*(x.transpose(0, 1)[None] for x in (q, k, v)), block_mask=block_mask,
+                       enable_gqa=True)
+        return out[0].transpose(0, 1)
+    return attn
 
 
 _DATA = {}
@@ -100,7 +139,7 @@ def test_varlen_attention(benchmark, impl, model, tokens, mix, pass_name):
     requires_cuda()
     if impl == OURS_NEW_PACKING and (pass_name != "fwd_bwd" or tokens > 32768):
         pytest.skip(f"{OURS_NEW_PACKING} runs forward+backward rows up to 32k only")
-    if impl not in (OURS, OURS_NEW_PACKING):
+    if impl not in (OURS, OURS_NEW_PACKING, FLEX):
         reason = fa2_unavailable_reason()
         if reason and impl != SDPA:
             skip_missing(impl, reason)
@@ -108,7 +147,7 @@ def test_varlen_attention(benchmark, impl, model, tokens, mix, pass_name):
             pytest.skip(f"{SDPA} is benchmarked on 8k rows only (one Python call per sample)")
     data = _data(model, tokens, mix)
     hq, hkv = MODELS[model]
-    attn = _impl_fn(impl)
+    attn = _flex_attention(data) if impl == FLEX else _impl_fn(impl)
     q, k, v, dout, cu, m = (data[n] for n in ("q", "k", "v", "dout", "cu", "max_seqlen"))
     state = {}
 
@@ -133,7 +172,12 @@ def test_varlen_attention(benchmark, impl, model, tokens, mix, pass_name):
         forward().backward(dout)
 
     # Compile (and autotune) outside the timing and the peak-memory measurement.
-    fwd_bwd()
+    try:
+        fwd_bwd()
+    except Exception as exc:  # noqa: BLE001 - a compiler failure means "unavailable"
+        if impl != FLEX:
+            raise
+        skip_missing(impl, f"torch.compile of flex_attention failed: {type(exc).__name__}: {exc}")
     clear_grads()
     torch.cuda.synchronize()
 

@@ -91,7 +91,7 @@ for part in ${GPU_CHECK_PARTS:-tests e2e kernels attention kernel-tests}; do
         --work "${TMPDIR:-/tmp}/xtuner-patch-e2e" ${E2E_ARGS:-} ;;
     kernels)
       # The whole training step first, then the kernel families.
-      run_benchmarks ${BENCH_FAMILIES:-train_step cross_entropy swiglu sequence_parallel rms_norm rotary} ;;
+      run_benchmarks ${BENCH_FAMILIES:-train_step host_overhead cross_entropy swiglu sequence_parallel rms_norm rotary} ;;
     attention)
       run_benchmarks varlen_attention ;;
     kernel-tests)

@@ -92,3 +92,22 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype=None, *,
     tol = REL_TOL[dtype] * factor
     assert err <= tol, f"{name}: relative error {err:.3e} > tolerance {tol:.1e} ({dtype})"
     return err
+
+
+def run_benchmark_file(path: str, tmp_path, **env) -> list:
+    """Run ``pytest PATH --benchmark-only`` in a fresh process without CUDA (``env`` added
+    to the environment); its ``--benchmark-json`` rows.  Fails with the output's tail."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", path, "--benchmark-only", "-q", "-p", "no:cacheprovider",
+         f"--benchmark-json={out}"],
+        cwd=repo, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, CUDA_VISIBLE_DEVICES="", **env))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())["benchmarks"]
