@@ -13,7 +13,6 @@ holds as many tokens as the meta says.
 """
 
 import json
-from itertools import repeat
 from typing import Tuple
 
 import numpy as np
@@ -32,7 +31,7 @@ _INT32_MAX = 2**31 - 1
 # digits nor whitespace: its 8-byte loads reach that far past a line's ends.
 PAD = 16
 
-_SPACE, _TAB, _CR, _NEWLINE = 32, 9, 13, 10
+_SPACE, _TAB, _CR = 32, 9, 13
 _COMMA, _MINUS, _OPEN, _CLOSE, _QUOTE, _COLON = 44, 45, 91, 93, 34, 58
 
 
@@ -136,26 +135,15 @@ def _locate_key(buf, load, s, e):
 
 def _rest_is_valid(buf, s, a, b, e) -> np.ndarray:
     """Per line: is the line, with its token list emptied, a JSON object whose
-    ``"tokens"`` is that empty list?  ``buf[e]`` must exist (the line's newline or padding).
-
-    Each line is parsed on its own (lines batched into one document could let a malformed
-    line's brackets pair up with its neighbours'), but through ``map`` so that no Python
-    code runs per line while every line is valid: the emptied lines are joined by
-    newlines, which no line holds, and split back in C.
-    """
-    head, tail = a + 1 - s, e - b + 1
+    ``"tokens"`` is that empty list?  One JSON parse per line (a batch of lines in one
+    document could let a malformed line's brackets pair up with its neighbours')."""
+    head, tail = a + 1 - s, e - b
     seg_starts = np.stack([s, b], axis=1).ravel()
     seg_lengths = np.stack([head, tail], axis=1).ravel()
-    text = buf[concat_ranges(seg_starts, seg_lengths)]
-    text[np.cumsum(head + tail) - 1] = _NEWLINE  # byte e of each line: its separator
-    pieces = text.tobytes().split(b"\n")[:-1]
-    try:
-        lists = list(map(dict.get, map(_loads, pieces), repeat("tokens")))
-        if lists.count([]) == len(pieces):
-            return np.ones(len(pieces), dtype=bool)
-    except (TypeError, ValueError):  # not JSON, or not an object: find which line below
-        pass
-    return np.array([_is_emptied_object(piece) for piece in pieces], dtype=bool)
+    text = buf[concat_ranges(seg_starts, seg_lengths)].tobytes()
+    stops = np.cumsum(head + tail).tolist()
+    return np.array([_is_emptied_object(text[p:q]) for p, q in zip([0] + stops[:-1], stops)],
+                    dtype=bool)
 
 
 def _is_emptied_object(text: bytes) -> bool:
