@@ -179,9 +179,9 @@ def _scan_rows(data, path, rows, offsets, lengths, out, place) -> None:
         newlines = np.flatnonzero(text == _NEWLINE) + lo
         if hi == size:  # the last line may lack its newline
             newlines = np.append(newlines, size)
-        # Rows whose line ends inside the chunk.
-        j = i + int(np.searchsorted(offsets[i:], newlines[-1] if len(newlines) else lo,
-                                    side="right"))
+        # Rows whose line ends inside the chunk (none without a newline in it).
+        j = i + int(np.searchsorted(offsets[i:], newlines[-1], side="right")) \
+            if len(newlines) else i
         if j == i:  # a line longer than the chunk: read more at once
             want *= 2
             continue
