@@ -211,7 +211,9 @@ def _scan_numbers(buf, load, a, b, n):
     negative = buf[before] == _MINUS
 
     # Between runs i and i + 1 of a list: "," or ", ", then maybe the next one's "-".
-    # ``gap - 1`` as uint64 is 0 for ",", 1 for ", " (and huge for an empty gap).
+    # The gap's length less that minus, less 1, as uint64: 0 for ",", 1 for ", ", huge for
+    # nothing; its bytes are checked at ends + 1 and ends + 2.  Anything else (other
+    # spacing, or not JSON) is checked byte by byte below.
     gap_less_one = before[1:] - ends[:-1] - 1 - negative[1:]
     fine = (next1[ends[:-1]] == _COMMA) & \
         (gap_less_one.view(np.uint64) <= (next2[ends[:-1]] == _SPACE))
