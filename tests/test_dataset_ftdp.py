@@ -9,6 +9,7 @@ import pytest
 from xtuner_patch.dataset import (FtdpDataWarning, FtdpFile, FtdpFormatError, list_ftdp_files,
                                   load_intern_repo_tokenized_dataset, read_samples,
                                   write_ftdp_file)
+from xtuner_patch.dataset import ftdp
 from xtuner_patch.fixtures.ftdp import write_synthetic_corpus
 
 intern_repo = pytest.importorskip("xtuner.dataset.intern_repo")
@@ -255,3 +256,18 @@ def test_data_order_naming_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_order_path .* does not exist"):
         load_intern_repo_tokenized_dataset(str(tmp_path / "d"),
                                            data_order_path=str(tmp_path / "none.txt"))
+
+
+@pytest.mark.parametrize("chunk", [16, 64, 1 << 18])
+def test_lines_longer_than_a_chunk(tmp_path, monkeypatch, chunk):
+    """The build reads the file in chunks: a line longer than one (read whole, in a larger
+    chunk) and lines cut by a chunk's end (read again with the next) parse alike."""
+    from xtuner_patch.dataset.index import ensure_index, open_index
+
+    monkeypatch.setattr(ftdp, "CHUNK_BYTES", chunk)
+    samples = [[1, 2], list(range(3, 40)), [-5], [], list(range(-90, 90)), [7, 8, 9]]
+    lines = [json.dumps({"tokens": s}).encode() for s in samples]
+    path = str(tmp_path / "long.bin")
+    _write_lines(path, lines, [len(s) for s in samples])
+    index = open_index(ensure_index(path, str(tmp_path / "index")))
+    assert index.tolist() == sum(samples, [])

@@ -79,6 +79,42 @@ def test_odd_valid_lines_read_as_json_reads_them(tmp_path):
     assert index.tolist() == sum(expected, [])
 
 
+# Valid lines the vectorised path must take itself (no json.loads): every number width up to
+# int32's 10 digits, both signs, 0 and -0, JSON whitespace of every kind around every token,
+# keys before, after and between, nested values and brackets inside strings.
+FAST_VALID = [
+    b'{"tokens": [1, 12, 123, 1234, 12345, 123456, 1234567, 12345678]}',
+    b'{"tokens": [-1, -12, -123, -1234, -12345, -123456, -1234567, -12345678]}',
+    b'{"tokens": [99999999, 100000000, -100000000, 999999999, -999999999]}',
+    b'{"tokens": [1000000000, -1000000000, 2147483647, -2147483647, 1999999999]}',
+    b'{"tokens": [0, -0, 10, 0, 100000000, 0]}',
+    b'{"tokens":[7,-8,9]}',
+    b'{ "tokens" :\t[ 1 ,\t-2 ,3\r, 4 ] } \r',
+    b'{"tokens": [\t5,6\t]}',
+    b'{"a": 1, "tokens": [11, -12]}',
+    b'{"tokens": [13], "a": {"b": [1, 2]}, "c": "]"}',
+    b'{"a": [1, {"x": "tokens"}], "tokens": [-14, 15], "z": -1.5e3}',
+    b'{"id": "a \\"tokens\\": [1]", "tokens": [16]}',
+    b'{"tokens": []}',
+    b'{"x": null, "tokens": [ ], "y": true}',
+]
+
+
+def test_valid_lines_take_the_fast_path(tmp_path, monkeypatch):
+    path = str(tmp_path / "fast.bin")
+    expected = [json.loads(line)["tokens"] for line in FAST_VALID]
+    _write_lines(path, FAST_VALID, [len(t) for t in expected])
+    _no_exact_reads(monkeypatch)
+    f = FtdpFile.load(path)
+    assert read_samples(path, f.offsets, f.length).tolist() == sum(expected, [])
+    order = np.arange(len(FAST_VALID))[::-1]  # scattered lines: the gathering scan
+    assert read_samples(path, f.offsets[order], f.length[order]).tolist() == \
+        sum([expected[i] for i in order], [])
+    from xtuner_patch.dataset.index import ensure_index, open_index
+
+    assert open_index(ensure_index(path, str(tmp_path / "index"))).tolist() == sum(expected, [])
+
+
 BAD = [
     (b'{"tokens": [4, 5', "not a JSON line"),
     (b'{"tokens": [4 5]}', "not a JSON line"),
@@ -99,6 +135,12 @@ BAD = [
     (b'{"tokens": [4, true]}', '"tokens" holds non-integers'),
     (b'{"tokens": [4, "5"]}', '"tokens" holds non-integers'),
     (b'{"tokens": [4, 2147483648]}', '"tokens" holds ids beyond int32'),
+    (b'{"tokens": [4, -2147483648]}', '"tokens" holds ids beyond int32'),
+    (b'{"tokens": [4, 9999999999]}', '"tokens" holds ids beyond int32'),
+    (b'{"tokens": [4, 12345678901]}', '"tokens" holds ids beyond int32'),
+    (b'{"tokens": [4, 012345678]}', "not a JSON line"),
+    (b'{"tokens": [4, -0123456789]}', "not a JSON line"),
+    (b'{"tokens": [4, 00]}', "not a JSON line"),
     (b'{"a": {"tokens": [4, 5]}}', 'no "tokens" list'),
     (b'[{"tokens": [4, 5]}]', 'no "tokens" list'),
     (b'{"tokens": "4, 5"}', 'no "tokens" list'),

@@ -46,7 +46,6 @@ _KEY = np.uint64(_word(b'"tokens"'))
 # first digit cleared, become its value in three multiply-shift rounds.
 _DIGIT_MASK = np.array([0] + [(0x0F0F0F0F0F0F0F0F >> (8 * (8 - k))) << (8 * (8 - k))
                               for k in range(1, 9)], dtype=np.uint64)
-_SMALLEST = np.array([0, 0] + [10 ** (k - 1) for k in range(2, 9)], dtype=np.uint64)
 
 
 class _Words:
@@ -180,21 +179,26 @@ def _owner(first, n, runs, inner=False):
 def _scan_numbers(buf, load, a, b, n):
     """Parse the lists ``buf[a + 1:b]`` (``n`` tokens expected in each).
 
-    Returns ``(values, first, good)``: the int64 value of every digit run of the buffer
-    (signed, for runs in a list), the index of each line's first run, and whether each
-    line's list held exactly its ``n`` valid JSON integers of at most 8 digits (so in
-    int32 range), which are then ``values[first:first + n]``.
+    Returns ``(values, first, good)``: int64 ``[R]`` the value of every digit run of the
+    buffer (negated where a minus precedes it), int64 ``[L]`` the index of each line's
+    first run, and bool ``[L]`` whether each line's list held exactly its ``n`` valid JSON
+    integers, each within int32 (``|id| < 2**31``), which are then
+    ``values[first:first + n]``.
     """
     digit = np.subtract(buf, 48, dtype=np.uint8) < 10
     edges = np.flatnonzero(digit[1:] != digit[:-1])
-    starts, ends = edges[0::2] + 1, edges[1::2]  # the padding is not a digit: edges pair up
-    first = np.searchsorted(starts, a)
-    good = np.searchsorted(starts, b) - first == n
+    # The padding is not a digit, so edges pair up: the byte before each run, its last digit.
+    # (A run starts at ``before + 1``, computed only where needed: one pass fewer.)
+    before, ends = edges[0::2], edges[1::2]
+    first = np.searchsorted(before, a)
+    good = np.searchsorted(before, b) - first == n
     empty = n == 0
     good[empty] &= _skip_space(buf, a[empty] + 1, 1) == b[empty]
-    if not len(starts):
+    if not len(before):
         return np.zeros(0, np.int64), first, good
-    size = ends - starts + 1
+    # Byte gathers through shifted views of buf: no index arithmetic per run.
+    next1, next2 = buf[1:], buf[2:]
+    size = ends - before
     value = load(ends - 7) & _DIGIT_MASK[np.minimum(size, 8)]
     value *= np.uint64(2561)
     value >>= np.uint64(8)
@@ -204,51 +208,60 @@ def _scan_numbers(buf, load, a, b, n):
     value &= np.uint64(0x0000FFFF0000FFFF)
     value *= np.uint64(42949672960001)
     value >>= np.uint64(32)
-    # Runs of more than 8 digits (the exact reader decides) and leading zeros.
-    odd = np.flatnonzero((size > 8) | (value < _SMALLEST[np.minimum(size, 8)]))
+    negative = buf[before] == _MINUS
 
-    # What follows each run inside a list: ", " or "," and the next run, maybe after "-".
-    after = load(ends + 1).astype(np.uint32)
-    rest = after ^ np.uint32(0x30303030)
-    nondigit = (((rest & np.uint32(0x7F7F7F7F)) + np.uint32(0x76767676)) | rest) \
-        & np.uint32(0x80808080)
-    spaced = (after & 0xFFFF) == _word(b", ")
-    skip = np.where(spaced, 8, 0).astype(np.uint32)  # so the next byte is byte 1
-    shifted, flags = after >> skip, nondigit >> skip
-    plus = (flags & 0x8000) == 0
-    minus = (((shifted >> 8) & 0xFF) == _MINUS) & ((flags & 0x800000) == 0)
-    separated = spaced | ((after & 0xFF) == _COMMA)
-    negative = np.zeros(len(starts), dtype=bool)
-    negative[1:] = (separated & minus)[:-1]
-    fine = separated & (plus | minus)
+    # Between runs i and i + 1 of a list: "," or ", ", then maybe the next one's "-".
+    # The gap's length less that minus, less 1, as uint64: 0 for ",", 1 for ", ", huge for
+    # nothing; its bytes are checked at ends + 1 and ends + 2.  Anything else (other
+    # spacing, or not JSON) is checked byte by byte below.
+    gap_less_one = before[1:] - ends[:-1] - 1 - negative[1:]
+    fine = (next1[ends[:-1]] == _COMMA) & \
+        (gap_less_one.view(np.uint64) <= (next2[ends[:-1]] == _SPACE))
 
     lines = np.flatnonzero(~empty)
-    head = np.minimum(first[lines], len(starts) - 1)
-    last = np.minimum(first[lines] + n[lines] - 1, len(starts) - 1)
+    head = np.minimum(first[lines], len(before) - 1)
+    last = np.minimum(first[lines] + n[lines] - 1, len(before) - 1)
     # A list's first number follows its "[" (whitespace and a minus allowed between),
     # its last one precedes "]" (whitespace allowed).
     opening = _skip_space(buf, a[lines] + 1, 1)
     sign = buf[opening] == _MINUS
-    negative[head] = sign
-    good[lines] &= (starts[head] == opening + sign) & \
+    good[lines] &= (before[head] + 1 == opening + sign) & \
         (ends[last] == _skip_space(buf, b[lines] - 1, -1))
 
-    line, inside = _owner(first, n, odd)
-    good[line[inside]] = False
+    # Runs of more than 8 digits (beyond one 8-byte load) and leading zeros: "0" is the
+    # one common run that starts with a zero, so those are few.
+    zeros = np.flatnonzero(next1[before] == 48)
+    odd = np.union1d(zeros[size[zeros] > 1], np.flatnonzero(size > 8))
+    if len(odd):
+        wide, ok = _wide_values(buf, before[odd] + 1, size[odd], value[odd])
+        value[odd] = wide
+        line, inside = _owner(first, n, odd[~ok])
+        good[line[inside]] = False
     suspect = np.flatnonzero(~fine)
     line, inside = _owner(first, n, suspect, inner=True)
-    inside &= good[line] & (suspect + 1 < len(starts))  # lines not failed already
+    inside &= good[line]  # lines not failed already
     suspect, line = suspect[inside], line[inside]
     if len(suspect):
         # Other spacing ("1 ,2", tabs): check those gaps byte by byte.
         follow = suspect + 1
-        minus = buf[starts[follow] - 1] == _MINUS
-        ok = _gap_ok(buf, ends[suspect] + 1, starts[follow] - minus)
-        negative[follow] = minus
+        ok = _gap_ok(buf, ends[suspect] + 1, before[follow] + 1 - negative[follow])
         good[line[~ok]] = False
     signed = value.view(np.int64)
     np.negative(signed, out=signed, where=negative)
     return signed, first, good
+
+
+def _wide_values(buf, starts, size, low):
+    """Runs that one 8-byte load cannot take (int64 ``starts``/``size`` ``[k]``; ``low``
+    uint64 ``[k]``, the value of each run's last 8 digits): ``(values, ok)``, uint64 ``[k]``
+    and bool ``[k]``; ``ok`` where the run is a JSON integer within int32, i.e. 9 or 10
+    digits without a leading zero and at most 2**31 - 1 (rare: ids near the int32 limit)."""
+    top = buf[starts].astype(np.uint64) - np.uint64(48)
+    second = buf[starts + 1].astype(np.uint64) - np.uint64(48)
+    high = np.where(size == 10, top * np.uint64(10) + second, top)
+    values = high * np.uint64(10**8) + low
+    ok = (size > 8) & (size <= 10) & (top > 0) & (values <= _INT32_MAX)
+    return values, ok
 
 
 def scan_lines(buf: np.ndarray, s: np.ndarray, e: np.ndarray, n: np.ndarray

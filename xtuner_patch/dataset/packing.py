@@ -67,7 +67,6 @@ from torch import distributed as dist
 
 from .ftdp import IGNORE_INDEX, FtdpDataWarning, FtdpFile, FtdpFormatError, read_meta, read_samples
 from .index import ensure_index, open_index
-from .lines import concat_ranges
 from .mixing import weighted_pack_index
 
 __all__ = ["LABEL_ALIGNMENTS", "PackedFtdpDataset", "build_packed_dataset"]
@@ -161,53 +160,71 @@ class PackedFtdpDataset(torch.utils.data.Dataset):
         pack = int(self.index[item]) if self.index is not None else item
         f, first, first_token, last, stop_token = self.pack_span(pack)
         lengths = np.diff(self.bounds[first:last + 2])
-        # The pack holds tokens [skip, skip + take) of each of its samples.
+        # The pack holds tokens [skip, skip + take) of each of its samples (skip is 0 but
+        # for the first).
         take = lengths.copy()
         take[-1] = stop_token
         take[0] -= first_token
-        skip = np.zeros_like(take)
-        skip[0] = first_token
+        row = self.row_length
+        segments = np.zeros(len(take) + 1, dtype=np.int64)
+        np.cumsum(take, out=segments[1:])
+        # Each token's place in its sample's part: where it is read from, and XTuner's
+        # position_ids (one pass serves both).
+        in_sample = np.arange(row) - np.repeat(segments[:-1], take)
         # InternEvo's alignment labels a cut sample's last token in the pack with the
         # sample's next token: read one more.
         cut = bool(stop_token < lengths[-1])
-        more = take.copy()
-        more[-1] += self.labels_shifted and cut
-        tokens = self._read(f, first, last, lengths, skip, more)
+        tokens = self._read(f, first, last, lengths, first_token, take, in_sample,
+                            self.labels_shifted and cut)
+        input_ids = np.absolute(tokens[:row], dtype=np.int64)
 
-        row = self.row_length
         if self.labels_shifted:
             labels = np.empty(row, dtype=np.int64)
             labels[:-1] = tokens[1:row]
             labels[-1] = tokens[row] if cut else 0
-            ends = np.cumsum(take) - 1
+            ends = segments[1:] - 1
             ends_sample = take > 0
             ends_sample[-1] &= not cut
             labels[ends[ends_sample]] = 0  # no next token in the sample: no target
+            labels = np.where(labels > 0, labels, IGNORE_INDEX)
         else:
-            labels = tokens[:row]
-        windows = take if self.micro_bsz == 1 else _split_windows(take, self.packed_length)
-        cumulative = np.zeros(len(windows) + 1, dtype=np.int64)
-        np.cumsum(windows, out=cumulative[1:])
-        out = {"input_ids": np.abs(tokens[:row]),
+            labels = np.where(tokens[:row] > 0, input_ids, IGNORE_INDEX)
+        if self.micro_bsz == 1:
+            cumulative, position_ids = segments, in_sample
+        else:
+            windows = _split_windows(take, self.packed_length)
+            cumulative = np.zeros(len(windows) + 1, dtype=np.int64)
+            np.cumsum(windows, out=cumulative[1:])
+            position_ids = np.arange(row) - np.repeat(cumulative[:-1], windows)
+        out = {"input_ids": input_ids,
                "cumulative_len": cumulative,
-               "position_ids": np.arange(row) - np.repeat(cumulative[:-1], windows),
-               "labels": np.where(labels > 0, labels, IGNORE_INDEX)}
+               "position_ids": position_ids,
+               "labels": labels}
         if self.labels_shifted:
             out["labels_shifted"] = True
         return out
 
-    def _read(self, f, first, last, lengths, skip, take) -> np.ndarray:
-        """int64 tokens ``[skip, skip + take)`` of samples ``first..last`` of file ``f``,
-        back to back: from the token index, else parsed from the ``.bin``."""
+    def _read(self, f, first, last, lengths, first_token, take, in_sample, extra) -> np.ndarray:
+        """The pack's tokens, signs as stored (int32 from the token index, else int64
+        parsed from the ``.bin``), ``[take.sum() + extra]``: ``take`` (int64 ``[k]``)
+        tokens of each of samples ``first..last`` of file ``f`` (``lengths`` int64
+        ``[k]`` tokens each), from ``first_token`` on for the first and from 0 for the
+        others, back to back; ``in_sample`` (int64 ``[take.sum()]``) each one's place
+        in its sample's part; ``extra``: plus the last sample's next token."""
         path = self.index_paths[f]
         index = None if path is None else open_index(path)
         if index is not None:
-            starts = self.token_starts[first:last + 1] + skip
-            return index[concat_ranges(starts, take)].astype(np.int64)
-        if path is not None:
-            _warn_missing_index(path)
-        whole = read_samples(self.paths[f], self.offsets[first:last + 1], lengths)
-        return whole[concat_ranges(np.cumsum(lengths) - lengths + skip, take)]
+            source, base = index, self.token_starts[first:last + 1].copy()
+        else:
+            if path is not None:
+                _warn_missing_index(path)
+            source = read_samples(self.paths[f], self.offsets[first:last + 1], lengths)
+            base = np.cumsum(lengths) - lengths
+        base[0] += first_token
+        at = in_sample + np.repeat(base, take)
+        if extra:
+            at = np.append(at, at[-1] + 1)
+        return source[at]
 
 
 _MISSING_INDEXES = set()  # per process: warned once
