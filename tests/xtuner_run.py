@@ -70,3 +70,20 @@ def iteration_metrics(log_text: str) -> List[Dict[str, float]]:
         row.update({k: float(v) for k, v in _METRIC.findall(match.group(0))})
         rows.append(row)
     return rows
+
+
+def fp32_deepspeed_config(tmp_path, stage: int) -> str:
+    """A DeepSpeed ZeRO-``stage`` config like XTuner's ``deepspeed_zero{stage}`` with fp16
+    and bf16 off: XTuner's own turns fp16 on where the CPU has no native bf16, which
+    DeepSpeed's CPU accelerator refuses."""
+    import json
+
+    config = {"gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto",
+              "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+              "zero_force_ds_cpu_optimizer": False,
+              "zero_optimization": {"stage": stage, "overlap_comm": True},
+              "fp16": {"enabled": False}, "bf16": {"enabled": False}}
+    path = os.path.join(str(tmp_path), f"zero{stage}_fp32.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path
