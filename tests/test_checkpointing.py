@@ -152,6 +152,8 @@ def test_budget_in_gib_picks_the_plan_of_the_estimates(tiny_checkpoint, gen):
 
 
 def test_auto_runs_full_until_measured_then_fits_the_fake_memory(tiny_checkpoint, gen, caplog):
+    """Full until an optimizer step follows the model's first training forward; then
+    one reading, and the plan the arithmetic of the estimates gives."""
     tokens = 48
     shape = LayerShape.from_config(load_model(tiny_checkpoint).config)
     sizes = {p: estimate_layer_bytes(p, tokens, shape, 4, 4) for p in checkpointing.POLICIES}
@@ -169,6 +171,7 @@ def test_auto_runs_full_until_measured_then_fits_the_fake_memory(tiny_checkpoint
     checkpointing.install(model.model, CheckpointSetting("auto"), probe=probe)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     try:
+        optimizer.step()  # another model's step, before this one trains: not a measurement
         with caplog.at_level(logging.INFO):
             _train_forward(model, gen, tokens)
             assert checkpointing.policy_of(model.model) == ("full", "full") and not readings

@@ -349,6 +349,9 @@ class _ModelState:
         self.shape = LayerShape.from_config(model.config)
         self.plan: Tuple[str, ...] = ("full",) * self.num_layers
         self.reading: Optional[MemoryReading] = None
+        # optimizer steps counted before this model's first training forward: auto
+        # measures after a step of this model's own (its optimizer state then exists)
+        self.steps_before: Optional[int] = None
         self.logged = set()
         self.handle = None
         self.model_ref = weakref.ref(model)
@@ -417,7 +420,9 @@ def _plan_for(state: _ModelState, tokens: int, device: torch.device, residual_dt
     if setting.mode == "budget":
         budget, why = setting.budget_gib * GIB, f"budget {setting.budget_gib:g} GiB"
     else:
-        if state.reading is None and _OPTIMIZER_STEPS[0] > 0:
+        if state.steps_before is None:
+            state.steps_before = _OPTIMIZER_STEPS[0]
+        if state.reading is None and _OPTIMIZER_STEPS[0] > state.steps_before:
             state.reading = state.probe(device)
         if state.reading is None:
             # Nothing measured yet (first step, or no CUDA): full, as stock.
