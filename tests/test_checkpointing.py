@@ -149,6 +149,12 @@ def test_budget_in_gib_picks_the_plan_of_the_estimates(tiny_checkpoint, gen):
     model = _model(tiny_checkpoint, parse_checkpoint("x", str(budget / GIB)), **STOCK_FORWARDS)
     _train_forward(model, gen, tokens)
     assert checkpointing.policy_of(model.model) == ("selective", "full")
+    _train_forward(model, gen, tokens - 8)  # fewer tokens, the same plan: not logged again
+    assert checkpointing.policy_of(model.model) == ("selective", "full")
+    assert len(checkpointing._STATES[model.model].logged) == 1
+    _train_forward(model, gen, 4)  # so few tokens that a layer more fits
+    assert checkpointing.policy_of(model.model) != ("selective", "full")
+    assert len(checkpointing._STATES[model.model].logged) == 2
 
 
 def test_auto_runs_full_until_measured_then_fits_the_fake_memory(tiny_checkpoint, gen, caplog):
@@ -200,7 +206,7 @@ def test_without_gradient_checkpointing_the_policy_has_no_effect(tiny_checkpoint
                                                                  monkeypatch):
     messages = []
     monkeypatch.setattr(checkpointing, "_log_once",
-                        lambda state, message: messages.append(message))
+                        lambda state, message, key=None: messages.append(message))
     model = dispatch(load_model(tiny_checkpoint), use_varlen_attn=False, **STOCK_FORWARDS)
     checkpointing.install(model.model, CheckpointSetting("selective"))
     model.train()

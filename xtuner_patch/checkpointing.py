@@ -381,10 +381,12 @@ def _count_step(optimizer, args, kwargs) -> None:
     _OPTIMIZER_STEPS[0] += 1
 
 
-def _log_once(state: _ModelState, message: str) -> None:
-    if message in state.logged:
+def _log_once(state: _ModelState, message: str, key=None) -> None:
+    """Log ``message`` unless one with the same ``key`` (default: the message) was."""
+    key = message if key is None else key
+    if key in state.logged:
         return
-    state.logged.add(message)
+    state.logged.add(key)
     try:
         from mmengine.logging import print_log
 
@@ -465,8 +467,9 @@ def _pre_forward(state: _ModelState, model, args, kwargs) -> None:
         return
     state.plan, why = _plan_for(state, tokens, device,
                                  model.get_input_embeddings().weight.dtype)
+    # once per plan, not per token count (unpacked batches vary in length)
     _log_once(state, f"xtuner-patch: activation checkpointing ({why}; {tokens} tokens): "
-              f"{describe_plan(state.plan)}")
+              f"{describe_plan(state.plan)}", key=(why, state.plan))
 
 
 def install(model, setting: CheckpointSetting,
