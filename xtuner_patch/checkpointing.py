@@ -94,7 +94,8 @@ def estimate_layer_bytes(policy: str, tokens: int, shape: LayerShape, residual_b
         return tokens * full
     attention = ((shape.heads + 2 * shape.kv_heads) * shape.head_dim + shape.heads * shape.head_dim
                  ) * compute_bytes + shape.heads * 4
-    selective = full + 2 * 4 + attention + h * residual_bytes + 2 * shape.intermediate * compute_bytes
+    selective = (full + 2 * 4 + attention + h * residual_bytes
+                 + 2 * shape.intermediate * compute_bytes)
     autocast = compute_bytes != residual_bytes
     weight_casts = shape.linear_weights * compute_bytes if autocast else 0
     if policy == "selective":
@@ -354,7 +355,6 @@ class _ModelState:
         self.steps_before: Optional[int] = None
         self.logged = set()
         self.handle = None
-        self.model_ref = weakref.ref(model)
 
 
 class PolicyCheckpoint:
