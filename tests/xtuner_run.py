@@ -14,6 +14,17 @@ NO_VARLEN = [("use_varlen_attn = True", "use_varlen_attn = False"),
              ("custom_hooks = [dict(type=ThroughputHook), dict(type=VarlenAttnArgsToMessageHubHook)]",
               "custom_hooks = [dict(type=ThroughputHook)]")]
 
+# Config replacements: XTuner's sequence-parallel set-up, 2 ranks per sequence.
+SEQUENCE_PARALLEL_2 = [
+    ("from xtuner.dataset.samplers import InternRepoSampler",
+     "from xtuner.parallel.sequence import SequenceParallelSampler"),
+    ("sampler=dict(type=InternRepoSampler, shuffle=True, seed=1024)",
+     "sampler=dict(type=SequenceParallelSampler, shuffle=True, seed=1024)"),
+    ("accumulative_counts = 1\n",
+     "sequence_parallel_size = 2\naccumulative_counts = 1\n"
+     "accumulative_counts *= sequence_parallel_size\n"),
+]
+
 
 def config_variant(tmp_path, name, replacements, base: str = TINY_CONFIG) -> str:
     """A copy of ``base`` with exact text replacements (each must apply), in ``tmp_path``."""
