@@ -16,7 +16,7 @@ import torch
 
 pytest.importorskip("xtuner.model")
 
-from tests.helpers import DEVICE, REL_TOL, rel_error  # noqa: E402
+from tests.helpers import DEVICE, rel_error  # noqa: E402
 from tests.models import dispatch, load_model, packed_batch, with_lora  # noqa: E402
 from xtuner_patch import checkpointing  # noqa: E402
 from xtuner_patch.checkpointing import (GIB, LayerShape, MemoryReading,  # noqa: E402
@@ -52,6 +52,11 @@ def _loss_and_grads(model, input_ids, labels, autocast):
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+# Every policy computes the forward's values again (the recompute casts as autocast and
+# PEFT did), so the loss and gradients may differ only by the order of sums.
+TOL = 1e-6
+
+
 @pytest.mark.parametrize("name,autocast,lora,policies", [
     ("fp32", None, False, ("selective", "full")),
     ("amp-fp16", torch.float16, False, ("selective",)),
@@ -65,17 +70,16 @@ def test_every_policy_trains_as_full_checkpointing(tiny_checkpoint, gen, name, a
         lambda: None)
     reference = _model(tiny_checkpoint, lora_gen=lora_gen())
     ref_loss, ref_grads = _loss_and_grads(reference, input_ids, labels, autocast)
-    tol = REL_TOL[autocast or torch.float32] * 10
     for policy in policies:
         model = _model(tiny_checkpoint, CheckpointSetting(policy), lora_gen=lora_gen())
         model.load_state_dict(reference.state_dict())  # PEFT draws lora_A from torch's RNG
         loss, grads = _loss_and_grads(model, input_ids, labels, autocast)
         inner = model.get_base_model().model if lora else model.model
         assert checkpointing.policy_of(inner) == (policy,) * 2
-        assert rel_error(loss, ref_loss) <= tol, (policy, loss, ref_loss)
+        assert rel_error(loss, ref_loss) <= TOL, (policy, loss, ref_loss)
         assert grads.keys() == ref_grads.keys() and len(grads) > 10
         for key, grad in grads.items():
-            assert rel_error(grad, ref_grads[key]) <= tol, (policy, key)
+            assert rel_error(grad, ref_grads[key]) <= TOL, (policy, key)
 
 
 def test_selective_drops_the_cheap_outputs(tiny_checkpoint, gen):

@@ -183,28 +183,68 @@ class _Recompute:
         return whole.as_strided(self.size, self.stride, self.offset)
 
 
+# Autograd nodes whose output holds the values of their input: views and dtype casts
+# (autocast's cast inside F.linear, PEFT's cast of a LoRA adapter's input).
+_SAME_VALUES = frozenset(("ToCopyBackward0", "ViewBackward0", "UnsafeViewBackward0",
+                          "ReshapeAliasBackward0", "AliasBackward0"))
+_MAX_CHAIN = 8
+
+
 class _Recorder:
-    """The tensors announced as recomputable during one selective layer call, by the
-    address of their first element (a saved tensor may be a view of one: F.linear on
-    ``[b, s, h]`` saves ``[b * s, h]``)."""
+    """The tensors announced as recomputable during one selective layer call.
+
+    A saved tensor is one of them when it shares its first element (a view of it:
+    F.linear on ``[b, s, h]`` saves ``[b * s, h]``), or when its autograd history leads
+    back to it through views and casts only (the copy autocast or PEFT made of it: the
+    same values, rounded the same way by the recompute's own cast).
+    """
 
     def __init__(self):
-        self.entries: Dict[Tuple[int, torch.dtype], Tuple[torch.Tensor, Callable, tuple]] = {}
+        self.by_address: Dict[Tuple[int, torch.dtype], tuple] = {}
+        self.by_node: Dict[tuple, tuple] = {}
 
     def add(self, tensor: torch.Tensor, make: Callable, holds: tuple) -> None:
-        if tensor.is_contiguous():
-            self.entries[(tensor.data_ptr(), tensor.dtype)] = (tensor, make, holds)
+        if not tensor.is_contiguous():
+            return
+        entry = (tensor, make, holds)
+        self.by_address[(tensor.data_ptr(), tensor.dtype)] = entry
+        if tensor.grad_fn is not None:
+            self.by_node[(tensor.grad_fn, tensor.output_nr)] = entry
+
+    def clear(self) -> None:
+        self.by_address.clear()
+        self.by_node.clear()
+
+    def _derived(self, saved: torch.Tensor):
+        node, nr = saved.grad_fn, saved.output_nr
+        for _ in range(_MAX_CHAIN):
+            if node is None:
+                return None
+            entry = self.by_node.get((node, nr))
+            if entry is not None:
+                return entry
+            if type(node).__name__ not in _SAME_VALUES or not node.next_functions:
+                return None
+            node, nr = node.next_functions[0]
+        return None
 
     def pack(self, saved: torch.Tensor):
-        entry = self.entries.get((saved.data_ptr(), saved.dtype)) if saved.is_floating_point() \
-            else None
-        if entry is None:
+        if not saved.is_floating_point():
             return saved
-        whole, make, holds = entry
-        if (saved.untyped_storage().data_ptr() != whole.untyped_storage().data_ptr()
-                or saved.numel() != whole.numel()):
-            return saved
-        return _Recompute(make, saved, saved.storage_offset() - whole.storage_offset(), holds)
+        entry = self.by_address.get((saved.data_ptr(), saved.dtype))
+        if entry is not None:
+            whole, make, holds = entry
+            if (saved.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+                    and saved.numel() == whole.numel()):
+                return _Recompute(make, saved, saved.storage_offset() - whole.storage_offset(),
+                                  holds)
+        if saved.grad_fn is not None and self.by_node:
+            entry = self._derived(saved)
+            # a contiguous copy of the whole tensor, or a view of one
+            if entry is not None and saved.numel() == entry[0].numel() \
+                    and saved.untyped_storage().nbytes() == saved.numel() * saved.element_size():
+                return _Recompute(entry[1], saved, saved.storage_offset(), entry[2])
+        return saved
 
 
 _RECORDER: contextvars.ContextVar = contextvars.ContextVar("xtuner_patch_selective",
@@ -238,7 +278,7 @@ def selective_saving():
         _RECORDER.reset(token)
         # Every saved tensor keeps its hooks, ``pack`` included, until the backward:
         # the recorder must not keep the announced outputs alive that long.
-        recorder.entries.clear()
+        recorder.clear()
 
 
 def selective_active() -> bool:
@@ -254,18 +294,11 @@ def recomputable(output: torch.Tensor, make: Callable[[], torch.Tensor], holds: 
     tensors that are not modified until the saved copy's consumer has run its backward;
     ``holds``: the tensors ``make`` keeps alive, for :class:`SavedBytes`).
 
-    Returns the tensor to hand on: under autocast, a float32 ``output`` is handed on
-    already cast to the autocast dtype (what the consuming linear layers would do), so
-    the copy they save is the one announced.  Outside :func:`selective_saving`,
-    ``output`` itself.
+    Returns ``output`` (for the caller to hand on).
     """
     recorder = _RECORDER.get()
-    if recorder is None or not output.is_floating_point():
-        return output
-    device_type = output.device.type
-    if torch.is_autocast_enabled(device_type) and output.dtype == torch.float32:
-        output = output.to(torch.get_autocast_dtype(device_type))
-    recorder.add(output, make, holds)
+    if recorder is not None and output.is_floating_point():
+        recorder.add(output, make, holds)
     return output
 
 
