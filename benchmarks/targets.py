@@ -66,6 +66,22 @@ def added_share_of(impl: str, key: str) -> Callable:
     return value
 
 
+def best_within_memory_of(impl: str, prefix: str = OURS) -> Callable:
+    """The best speed-up over ``impl`` among the rows whose implementation starts with
+    ``prefix`` (ours, any variant) and whose peak memory is at most ``impl``'s; 0 when
+    none is."""
+    def value(ours, members):
+        base = impl_row(members, impl)
+        if base is None or not base["extra"].get("peak_mem_bytes"):
+            return None
+        limit = base["extra"]["peak_mem_bytes"]
+        return max((base["median_s"] / r["median_s"] for r in members
+                    if r["impl"].startswith(prefix)
+                    and r["extra"].get("peak_mem_bytes") is not None
+                    and r["extra"]["peak_mem_bytes"] <= limit), default=0.0)
+    return value
+
+
 @dataclass(frozen=True)
 class Target:
     issue: int
@@ -74,12 +90,20 @@ class Target:
     value: Callable
     bound: float
     at_least: bool  # the value must be >= bound (else <= bound)
+    # (key, value) pairs our row's extra info must hold for the target to apply
+    where: tuple = ()
+
+    def applies(self, ours) -> bool:
+        extra = ours["extra"]
+        return extra.get("bench") == self.bench and all(
+            extra.get(k) == v for k, v in self.where)
 
     def met(self, value: float) -> bool:
         return value >= self.bound if self.at_least else value <= self.bound
 
     def describe(self) -> str:
-        return f"{self.what} {'>=' if self.at_least else '<='} {self.bound:g}"
+        where = "".join(f", {k} {v}" for k, v in self.where)
+        return f"{self.what}{where} {'>=' if self.at_least else '<='} {self.bound:g}"
 
 
 FA2, FLEX, STOCK, HF, LIGER = ("fa2", "flex-attention", "xtuner-stock-fa2", "hf-pytorch",
@@ -144,6 +168,15 @@ TARGETS = [
     Target(17, "e2e_train", "tokens/s over XTuner's stock path", speedup_over(STOCK), 1.0, True),
     Target(17, "e2e_train", "peak memory / XTuner's stock path", memory_share_of(STOCK), 1.0,
            False),
+    # #22: checkpointing policies (benchmarks/test_bench_train_step.py::test_train_step_policy):
+    # the best policy row within the stock step's peak memory, per token count; MFU of
+    # ours (auto) against the bf16 matmul peak measured in the same run.
+    Target(22, "train_step_policy", "tokens/s over XTuner's stock path, best policy within "
+           "its peak memory", best_within_memory_of(STOCK), 1.6, True, where=(("tokens", 32768),)),
+    Target(22, "train_step_policy", "tokens/s over XTuner's stock path, best policy within "
+           "its peak memory", best_within_memory_of(STOCK), 1.3, True, where=(("tokens", 8192),)),
+    Target(22, "train_step_policy", "MFU (auto) against the measured bf16 matmul peak",
+           recorded("mfu"), 0.55, True, where=(("model", "internlm2-7b"), ("tokens", 32768))),
 ]
 
 
@@ -163,7 +196,7 @@ def evaluate(groups, targets=TARGETS) -> List[dict]:
         if ours is None:
             continue
         for target in targets:
-            if ours["extra"].get("bench") != target.bench:
+            if not target.applies(ours):
                 continue
             value = target.value(ours, members)
             if value is not None:

@@ -64,7 +64,7 @@ def test_bounds_and_descriptions():
     assert at_least.met(1.1) and not at_least.met(1.09)
     assert at_most.met(0.1) and not at_most.met(0.11)
     assert at_least.describe() == "x >= 1.1" and at_most.describe() == "y <= 0.1"
-    assert {t.issue for t in TARGETS} == {3, 4, 5, 6, 8, 17, 19, 21}
+    assert {t.issue for t in TARGETS} == {3, 4, 5, 6, 8, 17, 19, 21, 22}
 
 
 def test_fastest_peer_and_host_overhead():
@@ -82,3 +82,36 @@ def test_fastest_peer_and_host_overhead():
     (host,) = _verdicts(_row("xtuner-patch", 1.2, "host_overhead"),
                         _row("cuda-graph-replay", 1.0, "host_overhead"))
     assert host["issue"] == 21 and abs(host["value"] - 1.2) < 1e-12 and not host["met"]
+
+
+def test_checkpointing_policies_best_row_within_stock_memory_and_mfu():
+    """#22: the best of our policy rows whose peak memory is at most stock's, with the
+    bound of the row's token count; MFU only for the 7B at 32k."""
+    def rows(tokens, model="internlm2-7b"):
+        info = dict(tokens=tokens, model=model)
+        return [_row("xtuner-patch", 1.0, "train_step_policy", peak_mem_bytes=50, mfu=0.56,
+                     **info),
+                _row("xtuner-patch-none", 0.5, "train_step_policy", peak_mem_bytes=120,
+                     **info),  # fastest, but over stock's memory: not counted
+                _row("xtuner-patch-selective", 0.7, "train_step_policy", peak_mem_bytes=100,
+                     **info),
+                _row("xtuner-stock-fa2", 1.05, "train_step_policy", peak_mem_bytes=100, **info)]
+
+    by_target = {v["target"]: v for v in _verdicts(*rows(32768))}
+    speed = by_target["tokens/s over XTuner's stock path, best policy within its peak memory, "
+                      "tokens 32768 >= 1.6"]
+    assert abs(speed["value"] - 1.5) < 1e-12 and not speed["met"]
+    mfu = by_target["MFU (auto) against the measured bf16 matmul peak, model internlm2-7b, "
+                    "tokens 32768 >= 0.55"]
+    assert mfu["met"] and mfu["value"] == 0.56
+    assert len(by_target) == 2
+    (speed8k,) = _verdicts(*rows(8192))
+    assert speed8k["target"].endswith("tokens 8192 >= 1.3") and speed8k["met"]
+    assert abs(_verdicts(*rows(32768, model="internlm2-1.8b"))[0]["value"] - 1.5) < 1e-12
+    assert len(_verdicts(*rows(32768, model="internlm2-1.8b"))) == 1  # no MFU verdict
+    # no policy row within stock's memory: 0, not met
+    (none_fit,) = _verdicts(_row("xtuner-patch", 1.0, "train_step_policy", tokens=8192,
+                                 peak_mem_bytes=200),
+                            _row("xtuner-stock-fa2", 1.05, "train_step_policy", tokens=8192,
+                                 peak_mem_bytes=100))
+    assert none_fit["value"] == 0.0 and not none_fit["met"]

@@ -24,7 +24,8 @@ from kernels.reference import (pack_heads_reference, pack_linear_input_grad_refe
 from kernels._runtime import packed_heads
 from kernels.sp_layout import pack_linear_input_grad, pack_qkv_rotary, unpack_qkv_rotary
 from tests.helpers import DEVICE, REL_TOL, assert_rel_close, randn
-from tests.xtuner_run import REPO, TINY_CONFIG, iteration_metrics, train, training_env
+from tests.xtuner_run import (REPO, SEQUENCE_PARALLEL_2, config_variant, iteration_metrics,
+                              train, training_env)
 
 SPLITS = [(4, 1, 2), (32, 8, 4), (32, 8, 8), (12, 3, 4), (6, 2, 4), (2, 1, 4), (8, 8, 3)]
 
@@ -379,21 +380,7 @@ def test_impossible_layouts_fail_on_every_rank_with_a_message(sp_results, sp):
 # ------------------------------------------------------------------------ end to end
 def _sp_config(tmp_path):
     """The tiny config as XTuner's sequence-parallel configs set it up."""
-    text = open(TINY_CONFIG).read()
-    for old, new in [
-        ("from xtuner.dataset.samplers import InternRepoSampler",
-         "from xtuner.parallel.sequence import SequenceParallelSampler"),
-        ("sampler=dict(type=InternRepoSampler, shuffle=True, seed=1024)",
-         "sampler=dict(type=SequenceParallelSampler, shuffle=True, seed=1024)"),
-        ("accumulative_counts = 1\n",
-         "sequence_parallel_size = 2\naccumulative_counts = 1\n"
-         "accumulative_counts *= sequence_parallel_size\n"),
-    ]:
-        assert old in text, old
-        text = text.replace(old, new)
-    path = tmp_path / "tiny_sp2.py"
-    path.write_text(text)
-    return str(path)
+    return config_variant(tmp_path, "tiny_sp2.py", SEQUENCE_PARALLEL_2)
 
 
 UNFUSED_WO_LINE = "it has hooks (e.g. DeepSpeed ZeRO-3 gathering its weight)"

@@ -15,8 +15,8 @@ import sysconfig
 
 import pytest
 
-from tests.xtuner_run import (NO_VARLEN, TINY_CONFIG, config_variant, iteration_metrics, train,
-                              training_env)
+from tests.xtuner_run import (NO_VARLEN, SEQUENCE_PARALLEL_2, TINY_CONFIG, config_variant,
+                              fp32_deepspeed_config, iteration_metrics, train, training_env)
 
 pytestmark = [pytest.mark.slow]
 pytest.importorskip("xtuner")
@@ -150,6 +150,37 @@ def test_two_ranks_with_deepspeed(tmp_path, tiny_checkpoint, sample_ftdp, zero):
     assert log.count(PATCH_LINE) >= 2  # one line per rank
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert abs(losses[0] - math.log(2048)) < 0.5
+
+
+def test_checkpoint_policies_under_zero2_zero3_and_sequence_parallel_train_as_full(
+        tmp_path, tiny_checkpoint, sample_ftdp):
+    """``XTUNER_PATCH_CHECKPOINT`` on 2 gloo ranks holding one sequence each half
+    (sequence parallel 2): ``full`` under ZeRO-2 (XTuner's recompute through our per-layer
+    wrapper) and a budget that makes layer 0 selective and layer 1 full under ZeRO-3
+    (whose recompute gathers parameters, and re-runs the all-to-alls: every rank must
+    plan the same) give the same losses, the third iteration's after one update (two
+    accumulated iterations per step).  Two runs (~35 s each on 2 idle cores); ZeRO-2
+    leaves activations alone, so selective is checked where it meets DeepSpeed's hooks.
+    fp32 DeepSpeed configs: no CPU bf16 needed."""
+    pytest.importorskip("deepspeed")
+    config = config_variant(tmp_path, "tiny_sp2.py", SEQUENCE_PARALLEL_2)
+    runs = {}
+    for stage, policy in ((2, "full"), (3, "0.015")):
+        work = tmp_path / f"zero{stage}"
+        work.mkdir()
+        runs[policy] = _losses(train(str(work), tiny_checkpoint, sample_ftdp["root"],
+                                     config=config, max_iters=3, extra_args=[
+                                         "--deepspeed", fp32_deepspeed_config(work, stage)],
+                                     env={"NPROC_PER_NODE": "2",
+                                          "XTUNER_PATCH_CHECKPOINT": policy}))
+    (full, full_log), (mixed, mixed_log) = runs["full"], runs["0.015"]
+    # the plans, as rank 0 logs them (1024 tokens per rank: 2 x 1 MiB full + 10.8 MiB for
+    # one selective layer fit in 0.015 GiB; a second selective layer does not)
+    assert "activation checkpointing (full; 1024 tokens): layers 0-1 full" in full_log
+    assert ("activation checkpointing (budget 0.015 GiB; 1024 tokens): layers 0 selective, "
+            "1 full") in mixed_log
+    assert len(full) == 3 and mixed == pytest.approx(full, rel=1e-4)
+    assert abs(full[2] - full[1]) > 0.1  # the third loss follows an update: gradients count
 
 
 def test_lora_with_deepspeed_on_two_ranks(tmp_path, tiny_checkpoint, sample_ftdp):

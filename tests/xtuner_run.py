@@ -14,6 +14,17 @@ NO_VARLEN = [("use_varlen_attn = True", "use_varlen_attn = False"),
              ("custom_hooks = [dict(type=ThroughputHook), dict(type=VarlenAttnArgsToMessageHubHook)]",
               "custom_hooks = [dict(type=ThroughputHook)]")]
 
+# Config replacements: XTuner's sequence-parallel set-up, 2 ranks per sequence.
+SEQUENCE_PARALLEL_2 = [
+    ("from xtuner.dataset.samplers import InternRepoSampler",
+     "from xtuner.parallel.sequence import SequenceParallelSampler"),
+    ("sampler=dict(type=InternRepoSampler, shuffle=True, seed=1024)",
+     "sampler=dict(type=SequenceParallelSampler, shuffle=True, seed=1024)"),
+    ("accumulative_counts = 1\n",
+     "sequence_parallel_size = 2\naccumulative_counts = 1\n"
+     "accumulative_counts *= sequence_parallel_size\n"),
+]
+
 
 def config_variant(tmp_path, name, replacements, base: str = TINY_CONFIG) -> str:
     """A copy of ``base`` with exact text replacements (each must apply), in ``tmp_path``."""
@@ -70,3 +81,20 @@ def iteration_metrics(log_text: str) -> List[Dict[str, float]]:
         row.update({k: float(v) for k, v in _METRIC.findall(match.group(0))})
         rows.append(row)
     return rows
+
+
+def fp32_deepspeed_config(tmp_path, stage: int) -> str:
+    """A DeepSpeed ZeRO-``stage`` config like XTuner's ``deepspeed_zero{stage}`` with fp16
+    and bf16 off: XTuner's own turns fp16 on where the CPU has no native bf16, which
+    DeepSpeed's CPU accelerator refuses."""
+    import json
+
+    config = {"gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto",
+              "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
+              "zero_force_ds_cpu_optimizer": False,
+              "zero_optimization": {"stage": stage, "overlap_comm": True},
+              "fp16": {"enabled": False}, "bf16": {"enabled": False}}
+    path = os.path.join(str(tmp_path), f"zero{stage}_fp32.json")
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return path

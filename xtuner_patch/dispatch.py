@@ -9,14 +9,16 @@ XTuner's dispatch.
 import contextlib
 import contextvars
 import logging
+from typing import Optional
 
 import torch
 
 from kernels.varlen_attention import SUPPORTED_HEAD_DIMS
 
+from . import checkpointing
 from .internlm2 import forwards, sequence_parallel
 from .internlm2.varlen import ROTARY_CLASSES
-from .switches import KernelSwitches
+from .switches import CheckpointSetting, KernelSwitches
 
 logger = logging.getLogger("xtuner_patch")
 
@@ -63,8 +65,10 @@ def is_internlm2(model) -> bool:
     return any(type(m).__name__ in ATTENTION_CLASSES for m in model.modules())
 
 
-def make_dispatch_modules(stock_dispatch, switches: KernelSwitches):
-    """Wrap XTuner's ``dispatch_modules``: stock dispatch, then our InternLM2 forwards."""
+def make_dispatch_modules(stock_dispatch, switches: KernelSwitches,
+                          checkpoint: Optional[CheckpointSetting] = None):
+    """Wrap XTuner's ``dispatch_modules``: stock dispatch, then our InternLM2 forwards
+    (and the activation-checkpointing policy ``checkpoint``, when one is set)."""
 
     def dispatch_modules(model, use_varlen_attn=False):
         stock_dispatch(model, use_varlen_attn=use_varlen_attn)
@@ -74,7 +78,7 @@ def make_dispatch_modules(stock_dispatch, switches: KernelSwitches):
                         type(model).__name__)
             return
         dispatch_internlm2(model, switches, use_varlen_attn=use_varlen_attn,
-                           loss_from_logits=_LOSS_FROM_LOGITS.get())
+                           loss_from_logits=_LOSS_FROM_LOGITS.get(), checkpoint=checkpoint)
 
     dispatch_modules.__wrapped__ = stock_dispatch
     dispatch_modules.xtuner_patch_switches = switches
@@ -91,16 +95,21 @@ def unsupported_reason(attention) -> str:
 
 
 def dispatch_internlm2(model, switches: KernelSwitches, use_varlen_attn: bool,
-                       loss_from_logits: bool = False) -> None:
+                       loss_from_logits: bool = False,
+                       checkpoint: Optional[CheckpointSetting] = None) -> None:
     """Give the InternLM2 modules of ``model`` our forwards, as ``switches`` say.
 
     ``loss_from_logits``: the caller computes its loss from the logits of training
     forwards, so the causal LM keeps the class's forward (no fused loss).
+    ``checkpoint``: the activation-checkpointing policy of its decoder layers
+    (:mod:`xtuner_patch.checkpointing`); None leaves XTuner's checkpointing alone.
     """
     counts = {}
     for module in model.modules():
         name = type(module).__name__
-        if name in ATTENTION_CLASSES and switches.attention:
+        if name == "InternLM2Model" and checkpoint is not None:
+            checkpointing.install(module, checkpoint)
+        elif name in ATTENTION_CLASSES and switches.attention:
             reason = unsupported_reason(module)
             if reason:
                 check_stock_attention_possible(name)

@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import Optional
 
-from .switches import KernelSwitches
+from .switches import CheckpointSetting, KernelSwitches, resolve_checkpoint
 
 logger = logging.getLogger("xtuner_patch")
 
@@ -36,6 +36,7 @@ DISPATCH_BINDINGS = ("xtuner.model.modules.dispatch", "xtuner.model.modules", "x
 class _State:
     lock = threading.Lock()
     switches: Optional[KernelSwitches] = None
+    checkpoint: Optional[CheckpointSetting] = None
     stock_dispatch = None  # XTuner's dispatch_modules
     patched_dispatch = None  # ours, wrapping it
     # (object, attribute name, original value) for everything replaced.
@@ -73,8 +74,14 @@ def _bind_dispatch() -> None:
 
 def patch(*, attention: Optional[bool] = None, rope: Optional[bool] = None,
           rms_norm: Optional[bool] = None, fused_residual: Optional[bool] = None,
-          swiglu: Optional[bool] = None, cross_entropy: Optional[bool] = None) -> KernelSwitches:
+          swiglu: Optional[bool] = None, cross_entropy: Optional[bool] = None,
+          checkpoint=None) -> KernelSwitches:
     """Make XTuner's dispatch give InternLM2 models xtuner-patch's kernels.
+
+    ``checkpoint``: the activation-checkpointing policy of the decoder layers,
+    ``'auto' | 'none' | 'selective' | 'full'`` or a budget in GiB (default
+    ``XTUNER_PATCH_CHECKPOINT``; unset: XTuner's checkpointing as its config asks);
+    see :mod:`xtuner_patch.checkpointing`.
 
     Idempotent: patching again with the same switches changes nothing (but binds the
     replacement in XTuner modules loaded since); with other switches it re-patches.
@@ -83,12 +90,13 @@ def patch(*, attention: Optional[bool] = None, rope: Optional[bool] = None,
     switches = KernelSwitches.resolve(attention=attention, rope=rope, rms_norm=rms_norm,
                                       fused_residual=fused_residual, swiglu=swiglu,
                                       cross_entropy=cross_entropy)
+    checkpoint_setting = resolve_checkpoint(checkpoint)
     import xtuner.model  # noqa: F401  (binds dispatch_modules in sft/reward/llava)
     import xtuner.model.modules.dispatch as xtuner_dispatch
     from xtuner.model.sft import SupervisedFinetune
 
     with _State.lock:
-        if _State.switches == switches:
+        if _State.switches == switches and _State.checkpoint == checkpoint_setting:
             _bind_dispatch()
             return switches
         if _State.switches is not None:
@@ -97,7 +105,8 @@ def patch(*, attention: Optional[bool] = None, rope: Optional[bool] = None,
         from .train_checks import make_check_cfg, wrap_build_llm
 
         _State.stock_dispatch = xtuner_dispatch.dispatch_modules
-        _State.patched_dispatch = make_dispatch_modules(_State.stock_dispatch, switches)
+        _State.patched_dispatch = make_dispatch_modules(_State.stock_dispatch, switches,
+                                                        checkpoint_setting)
         _bind_dispatch()
         build = SupervisedFinetune.build_llm_from_cfg
         _rebind(SupervisedFinetune, "build_llm_from_cfg", build, wrap_build_llm(build))
@@ -106,6 +115,7 @@ def patch(*, attention: Optional[bool] = None, rope: Optional[bool] = None,
                 check = module.check_cfg
                 _rebind(module, "check_cfg", check, make_check_cfg(check))
         _State.switches = switches
+        _State.checkpoint = checkpoint_setting
         _log_once(switches)
     return switches
 
@@ -115,12 +125,18 @@ def _unpatch_locked() -> None:
         setattr(owner, attr, original)
     _State.replaced = []
     _State.switches = None
+    if _State.checkpoint is not None:
+        from .checkpointing import uninstall_all
+
+        uninstall_all()  # models dispatched with a policy get their checkpoint function back
+        _State.checkpoint = None
 
 
 def unpatch() -> None:
     """Restore every XTuner object :func:`patch` replaced.  A no-op when not patched.
 
-    Models already dispatched keep the forwards they were given.
+    Models already dispatched keep the forwards they were given; their decoder layers
+    get XTuner's checkpointing back (the policy of :mod:`.checkpointing` is removed).
     """
     with _State.lock:
         if _State.switches is not None:

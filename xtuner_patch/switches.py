@@ -6,7 +6,9 @@ environment.
 auto-import); ``XTUNER_PATCH_<FAMILY>`` (``ATTENTION``, ``ROPE``, ``RMS_NORM``,
 ``FUSED_RESIDUAL``, ``SWIGLU``, ``CROSS_ENTROPY``) switch one kernel family.  Values are
 ``1/0/true/false/on/off/yes/no`` in any case; anything else is a :class:`UserError` naming
-the variable.  This module imports nothing heavy: the interpreter-start hook reads it.
+the variable.  ``XTUNER_PATCH_CHECKPOINT`` (``auto|none|selective|full|<GiB>``) picks the
+activation-checkpointing policy (:func:`parse_checkpoint`, strict too).  This module
+imports nothing heavy: the interpreter-start hook reads it.
 """
 
 import os
@@ -73,3 +75,57 @@ class KernelSwitches:
         forward, so it is active only with it."""
         return [f.name for f in fields(self) if getattr(self, f.name)
                 and (f.name != "rope" or self.attention)]
+
+
+CHECKPOINT_VARIABLE = f"{PATCH_VARIABLE}_CHECKPOINT"
+CHECKPOINT_MODES = ("auto", "none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class CheckpointSetting:
+    """The activation-checkpointing policy asked for (:mod:`xtuner_patch.checkpointing`).
+
+    ``mode``: ``none`` / ``selective`` / ``full`` for every decoder layer; ``auto``
+    (layers fitted into the device memory left) or ``budget`` (fitted into
+    ``budget_gib`` GiB of activations kept by the decoder layers).
+    """
+
+    mode: str
+    budget_gib: Optional[float] = None
+
+    def describe(self) -> str:
+        return f"{self.budget_gib:g} GiB" if self.mode == "budget" else self.mode
+
+
+def parse_checkpoint(name: str, value) -> CheckpointSetting:
+    """``value`` of ``name`` (the environment variable or ``patch(checkpoint=)``): one of
+    ``auto|none|selective|full`` (any case) or a budget in GiB (a finite number >= 0)."""
+    if isinstance(value, CheckpointSetting):
+        return value
+    accepted = f"{'|'.join(CHECKPOINT_MODES)} (any case) or a budget in GiB, e.g. 20 or 7.5"
+    if isinstance(value, bool):  # a bool is an int: refuse it rather than read 1 GiB
+        raise UserError(f"{name}={value!r} is not a checkpointing policy: use {accepted}")
+    if isinstance(value, (int, float)):
+        budget = float(value)
+    else:
+        text = str(value).strip().lower()
+        if text in CHECKPOINT_MODES:
+            return CheckpointSetting(text)
+        try:
+            budget = float(text)
+        except ValueError:
+            raise UserError(f"{name}={value!r} is not a checkpointing policy: use "
+                            f"{accepted}") from None
+    if not (budget >= 0 and budget != float("inf")):  # also refuses nan
+        raise UserError(f"{name}={value!r}: a budget must be a finite number of GiB >= 0; "
+                        f"accepted: {accepted}")
+    return CheckpointSetting("budget", budget)
+
+
+def resolve_checkpoint(explicit=None) -> Optional[CheckpointSetting]:
+    """The policy from ``patch(checkpoint=)``, else ``XTUNER_PATCH_CHECKPOINT``; None when
+    neither is set (XTuner's own checkpointing, as its config asks, is left alone)."""
+    if explicit is not None:
+        return parse_checkpoint("checkpoint", explicit)
+    value = os.environ.get(CHECKPOINT_VARIABLE, "")
+    return parse_checkpoint(CHECKPOINT_VARIABLE, value) if value.strip() else None

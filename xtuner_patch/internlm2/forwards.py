@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from kernels import backend, packing_bounds
 from kernels.reference import shift_targets
 
+from .. import checkpointing
 from ..log import warn_once
 from . import sequence_parallel
 from .lora import lora_loss, plain_lora_parts
@@ -111,7 +112,19 @@ def attention_forward(self, hidden_states, attention_mask=None, position_ids=Non
 
 
 def rms_norm_forward(self, hidden_states):
-    return backend.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    out = backend.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return _recomputable_norm(out, hidden_states, self.weight, self.variance_epsilon)
+
+
+def _recomputable_norm(out, x, weight, eps):
+    """``out = rms_norm(x)`` announced to selective checkpointing: recomputed from ``x``
+    (kept by the norm's backward) and a copy of ``weight`` (small; under ZeRO-3 the
+    parameter is released after the forward)."""
+    if not checkpointing.selective_active():
+        return out
+    x, weight = x.detach(), weight.detach().clone()
+    return checkpointing.recomputable(out, lambda: backend.rms_norm(x, weight, eps),
+                                      holds=(x, weight))
 
 
 def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids=None,
@@ -126,6 +139,9 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
         use_cache=use_cache, cache_position=cache_position, **kwargs)
     normed, hidden_states = backend.rms_norm(attn_out, self.ffn_norm.weight,
                                              self.ffn_norm.variance_epsilon, residual=residual)
+    # recomputed (selective checkpointing) from the sum, which the fused norm keeps
+    normed = _recomputable_norm(normed, hidden_states, self.ffn_norm.weight,
+                                self.ffn_norm.variance_epsilon)
     hidden_states = hidden_states + self.feed_forward(normed)
     outputs = (hidden_states,)
     if output_attentions:
@@ -136,10 +152,18 @@ def decoder_layer_forward(self, hidden_states, attention_mask=None, position_ids
 
 
 def mlp_forward(self, x):
+    a, b = self.w1(x), self.w3(x)
     # w1(x) and w3(x) are needed by nothing but the gate, so its backward writes their
     # gradients over them (two [tokens, intermediate] buffers less at the backward's peak).
     # A hook that keeps those outputs for its own backward gets PyTorch's in-place error.
-    return self.w2(backend.swiglu(self.w1(x), self.w3(x), in_place_grad=True))
+    gated = backend.swiglu(a, b, in_place_grad=True)
+    if checkpointing.selective_active():
+        # Recomputed from the w1 / w3 outputs (kept by SwiGLU's backward) when w2's
+        # backward unpacks it, which runs before SwiGLU's own backward: a SwiGLU whose
+        # backward overwrites a and b in place runs after the last recompute.
+        a, b = a.detach(), b.detach()
+        gated = checkpointing.recomputable(gated, lambda: backend.swiglu(a, b), holds=(a, b))
+    return self.w2(gated)
 
 
 def lm_head_forward(self, hidden_states, labels=None, shift_labels=True, low_rank=None):
