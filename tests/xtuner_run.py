@@ -85,8 +85,8 @@ def iteration_metrics(log_text: str) -> List[Dict[str, float]]:
 
 def fp32_deepspeed_config(tmp_path, stage: int) -> str:
     """A DeepSpeed ZeRO-``stage`` config like XTuner's ``deepspeed_zero{stage}`` with fp16
-    and bf16 off: XTuner's own turns fp16 on where the CPU has no native bf16, which
-    DeepSpeed's CPU accelerator refuses."""
+    and bf16 off: on a CPU XTuner's own resolves to bf16, which runs emulated (slowly)
+    where the CPU has no bf16 instructions and rounds the losses being compared."""
     import json
 
     config = {"gradient_accumulation_steps": "auto", "train_micro_batch_size_per_gpu": "auto",
