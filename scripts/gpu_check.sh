@@ -10,6 +10,8 @@
 #               (BENCH_FAMILIES narrows them, BENCH_FILTER is a pytest -k expression)
 #   attention   the varlen attention benchmark
 #   kernel-tests the other kernel and model tests on the GPU while time is left
+#   checkpointing the training step per activation-checkpointing policy (#22), 1.8B and
+#               7B at 8k and 32k tokens (CHECKPOINT_TIMEOUT; give it a run of its own)
 # and writes benchmarks/results/<gpu-name>/ (results.md and targets.md over every
 # bench-*.json there, plots, logs).  Exit status: non-zero when a test or a benchmark
 # failed or a step ran out of time.  Time: GPU_CHECK_BUDGET (default 450 s) for all
@@ -69,11 +71,14 @@ run_step() {  # name limit command...: runs within both its own limit and what i
   [ "$rc" = 0 ] || status=1
 }
 
+# The policy rows take minutes of their own: the checkpointing part runs them.
+POLICY_ROWS=benchmarks/test_bench_train_step.py::test_train_step_policy
 run_benchmarks() {  # families...: one pytest run (and JSON file) per family
   local family
   for family in "$@"; do
     run_step "bench-$family" "${BENCH_TIMEOUT:-150}" \
       "$PY" -m pytest "benchmarks/test_bench_$family.py" --benchmark-only -q -p no:cacheprovider \
+      --deselect "$POLICY_ROWS" \
       ${BENCH_FILTER:+-k "$BENCH_FILTER"} --benchmark-json="$RESULTS/bench-$family.json"
     # A family stopped before its first case leaves an empty file: not a result.
     [ -s "$RESULTS/bench-$family.json" ] || rm -f "$RESULTS/bench-$family.json"
@@ -81,7 +86,7 @@ run_benchmarks() {  # families...: one pytest run (and JSON file) per family
 }
 
 export XTUNER_PATCH_PROFILE_DIR=$RESULTS  # the training step's per-operator profiles
-for part in ${GPU_CHECK_PARTS:-tests e2e kernels attention kernel-tests}; do
+for part in ${GPU_CHECK_PARTS:-tests e2e kernels attention kernel-tests checkpointing}; do
   case $part in
     tests)
       run_step gpu-tests "${GPU_TEST_TIMEOUT:-150}" \
@@ -99,8 +104,12 @@ for part in ${GPU_CHECK_PARTS:-tests e2e kernels attention kernel-tests}; do
       run_step kernel-tests "${KERNEL_TEST_TIMEOUT:-90}" env XTUNER_PATCH_AUTOTUNE=0 \
         "$PY" -m pytest tests/test_varlen_attention.py tests/test_rms_norm.py tests/test_rotary.py \
         tests/test_internlm2_patch.py tests/test_compile_once.py -m "not gpu" -q -x -p no:cacheprovider ;;
+    checkpointing)
+      run_step bench-train_step_policy "${CHECKPOINT_TIMEOUT:-420}" \
+        "$PY" -m pytest "$POLICY_ROWS" --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json="$RESULTS/bench-train_step_policy.json" ;;
     *)
-      echo "gpu-check: unknown part '$part' (tests e2e kernels attention kernel-tests)" >&2
+      echo "gpu-check: unknown part '$part' (tests e2e kernels attention kernel-tests checkpointing)" >&2
       status=1 ;;
   esac
 done
