@@ -10,6 +10,7 @@ import pytest
 from xtuner_patch.dataset import (FtdpFile, FtdpFormatError, build_packed_dataset,
                                   load_intern_repo_tokenized_dataset, read_samples)
 from xtuner_patch.dataset import ftdp
+from xtuner_patch.dataset import lines as readers
 from xtuner_patch.fixtures.ftdp import LINE_SHAPES, rewrite_lines, write_synthetic_corpus
 
 intern_repo = pytest.importorskip("xtuner.dataset.intern_repo")
@@ -26,6 +27,21 @@ def _shaped_corpus(root, shape):
     return str(root)
 
 
+@pytest.fixture(params=["shipped", "simdjson-only"])
+def reader(request, monkeypatch):
+    """Which fast reader takes which line: plain lines the scanner and the others simdjson
+    (as shipped), or every line simdjson."""
+    if request.param == "simdjson-only":
+        plain_frames = readers._plain_frames
+
+        def nothing_plain(buf, s, e):
+            a, b, plain = plain_frames(buf, s, e)
+            return a, b, np.zeros_like(plain)
+
+        monkeypatch.setattr(readers, "_plain_frames", nothing_plain)
+    return request.param
+
+
 def _no_exact_reads(monkeypatch):
     def refuse(line, expected):
         raise AssertionError(f"a valid line took the exact path: {line[:80]!r}")
@@ -35,7 +51,7 @@ def _no_exact_reads(monkeypatch):
 @pytest.mark.parametrize("shape", sorted(LINE_SHAPES))
 @pytest.mark.parametrize("packed_length", [64, 300])
 def test_every_line_shape_packs_as_xtuner_on_the_fast_path(tmp_path, monkeypatch, shape,
-                                                          packed_length):
+                                                          packed_length, reader):
     from tests.test_dataset_packing import _assert_same_packs
 
     folder = _shaped_corpus(tmp_path / shape, shape)
@@ -47,6 +63,23 @@ def test_every_line_shape_packs_as_xtuner_on_the_fast_path(tmp_path, monkeypatch
         ours = build_packed_dataset(load_intern_repo_tokenized_dataset(folder), packed_length,
                                     cache_dir=cache_dir)
         _assert_same_packs(ours, xtuner)
+
+
+@pytest.mark.parametrize("shape", sorted(LINE_SHAPES))
+def test_plain_lines_take_the_scanner_and_others_simdjson(tmp_path, monkeypatch, shape):
+    folder = _shaped_corpus(tmp_path / shape, shape)
+    seen = []
+    read_with_simdjson = readers._read_with_simdjson
+
+    def spy(buf, s, e, n, tokens, place):
+        seen.extend(n.tolist())
+        return read_with_simdjson(buf, s, e, n, tokens, place)
+
+    monkeypatch.setattr(readers, "_read_with_simdjson", spy)
+    build_packed_dataset(load_intern_repo_tokenized_dataset(folder), 64,
+                         cache_dir=str(tmp_path / "index"))
+    samples = sum(n if isinstance(n, int) else n[0] for n in FILES.values())
+    assert len(seen) == (0 if shape in ("dumps", "compact") else samples)
 
 
 def _write_lines(path, lines, lengths):
@@ -64,10 +97,14 @@ ODD_VALID = [
     b'{"\\u0074okens": [5, 6]}', b'{"tokens": [7], "tokens": [8, 9]}',
     b'{"t": "\\u00e9\\"]", "tokens": [1]}', '{"t": "\u00e9\u4e2d", "tokens": [4]}'.encode(),
     b'\t{"tokens": [3]}  ', b'{"tokens": [1\t,\r2]}', b'{"tokens": [123456789, -1234567890]}',
+    # Duplicated keys of one length (json.loads keeps the last), JSON that simdjson refuses
+    # and json.loads reads (an infinite float, a lone surrogate): the exact reader's.
+    b'{"tokens": [7, 1], "tokens": [8, 9]}', b'{"tok\\u0065ns": [3, 4], "tokens": [5, 6]}',
+    b'{"tokens": [1], "x": 1e999}', b'{"t": "\\ud800", "tokens": [2]}',
 ]
 
 
-def test_odd_valid_lines_read_as_json_reads_them(tmp_path):
+def test_odd_valid_lines_read_as_json_reads_them(tmp_path, reader):
     path = str(tmp_path / "odd.bin")
     expected = [json.loads(line)["tokens"] for line in ODD_VALID]
     _write_lines(path, ODD_VALID, [len(t) for t in expected])
@@ -100,7 +137,7 @@ FAST_VALID = [
 ]
 
 
-def test_valid_lines_take_the_fast_path(tmp_path, monkeypatch):
+def test_valid_lines_take_the_fast_path(tmp_path, monkeypatch, reader):
     path = str(tmp_path / "fast.bin")
     expected = [json.loads(line)["tokens"] for line in FAST_VALID]
     _write_lines(path, FAST_VALID, [len(t) for t in expected])
@@ -150,7 +187,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("line, message", BAD)
-def test_bad_line_fails_the_build_naming_file_and_line(tmp_path, line, message):
+def test_bad_line_fails_the_build_naming_file_and_line(tmp_path, line, message, reader):
     (tmp_path / "d").mkdir()
     path = str(tmp_path / "d" / "bad.bin")
     good = b'{"id": 1, "tokens": [1, 2]}'

@@ -1,11 +1,18 @@
-"""Parsing ftdp JSON lines into token arrays: a vectorised scanner and the exact reader.
+"""Parsing ftdp JSON lines into token arrays: two fast readers and the exact one.
 
-:func:`scan_lines` parses many lines at once with numpy, whatever the line's shape:
-``{"tokens": [...]}`` as ``json.dumps`` or compact separators write it, other keys before
-or after ``tokens`` (the rest of such a line checked by one ``orjson`` parse, with the
-token list left out), any JSON whitespace, negative ids, empty lists.  What it cannot vouch for it
-hands back, line by line, to :func:`parse_line_exact` (``json.loads``), the authority:
-that one returns the tokens of an odd but valid line, or raises naming what is wrong.
+:func:`scan_lines` reads many lines at once, whatever their shape, each by one of two
+fast readers:
+
+- plain lines, ``{"tokens": [...]}`` as ``json.dumps`` or compact separators write them
+  (InternEvo's tokenizer writes these), go through a vectorised numpy scanner: a few
+  numpy calls for all the lines of a chunk, no cost per line;
+- any other shape (other keys in any order, other JSON whitespace) through ``simdjson``:
+  one C++ parse per line and one copy of its ``tokens`` list into an int64 buffer.
+
+Both take negative ids and empty lists.  What neither can vouch for goes to
+:func:`parse_line_exact` (``json.loads``), the authority: it returns the tokens of an odd
+but valid line (``1e999`` in another key, a duplicated ``tokens`` key, a lone surrogate
+escape) or raises naming what is wrong.
 
 Valid means what XTuner's ``JsonlDataset`` reads without error, with two stricter rules:
 every token is a JSON integer (not a float or a boolean) in int32 range, and the list
@@ -16,11 +23,7 @@ import json
 from typing import Tuple
 
 import numpy as np
-
-try:
-    from orjson import loads as _loads
-except ImportError:  # the standard library's: slower per line, same results
-    from json import loads as _loads
+import simdjson
 
 __all__ = ["PAD", "TOKEN_DTYPE", "concat_ranges", "parse_line_exact", "scan_lines"]
 
@@ -32,15 +35,19 @@ _INT32_MAX = 2**31 - 1
 PAD = 16
 
 _SPACE, _TAB, _CR = 32, 9, 13
-_COMMA, _MINUS, _OPEN, _CLOSE, _QUOTE, _COLON = 44, 45, 91, 93, 34, 58
+_COMMA, _MINUS = 44, 45
+
+# What simdjson raises on a line it will not read as asked: malformed JSON or UTF-8
+# (ValueError), a number beyond 64 bits (RuntimeError), no "tokens" key (KeyError), a
+# document or element of another type (TypeError).
+_REFUSED = (ValueError, RuntimeError, KeyError, TypeError)
 
 
-def _word(text: bytes) -> int:
-    return int.from_bytes(text, "little")
+def _word(text: bytes) -> np.uint64:
+    return np.uint64(int.from_bytes(text, "little"))
 
 
-_HEAD = np.uint64(_word(b'{"tokens'))  # the first 8 bytes of a plain line
-_KEY = np.uint64(_word(b'"tokens"'))
+_HEAD = _word(b'{"tokens')  # the first 8 bytes of a plain line
 
 # SWAR digit conversion: the 8 bytes ending at a number's last digit, the bytes before its
 # first digit cleared, become its value in three multiply-shift rounds.
@@ -90,68 +97,19 @@ def _skip_space(buf: np.ndarray, pos: np.ndarray, step: int) -> np.ndarray:
     return pos
 
 
-def _plain_frames(load, s, e):
-    """For lines ``buf[s:e]``: positions of ``[`` and ``]`` when the line is exactly
-    ``{"tokens": [...]}`` or ``{"tokens":[...]}`` (a ``\\r`` may end it), else ``plain`` False."""
-    short = e - s < 13
-    head = np.where(short, 0, s)
-    h8 = load(head) == _HEAD
-    t4 = load(head + 8) & 0xFFFFFFFF
-    wide = t4 == _word(b'": [')
-    tight = (t4 & 0xFFFFFF) == _word(b'":[')
+def _plain_frames(buf, s, e):
+    """For lines ``buf[s:e]``: positions of ``[`` and ``]`` where the line is exactly
+    ``{"tokens": [...]}`` or ``{"tokens":[...]}`` (a ``\\r`` may end it), and ``plain``
+    saying which lines are.  Gathers of a few bytes per line: no pass over the buffer."""
+    head = buf[s[:, None] + np.arange(16)].view("<u8")  # [L, 2] little-endian words
+    opening = head[:, 1] & np.uint64(0xFFFFFFFF)
+    wide = opening == _word(b'": [')
+    tight = (opening & np.uint64(0xFFFFFF)) == _word(b'":[')
+    cr = buf[e - 1] == _CR
+    b = e - np.where(cr, 3, 2)
+    closed = (buf[b] == ord("]")) & (buf[b + 1] == ord("}"))
     a = s + np.where(wide, 11, 10)
-    tail = np.where(short, 0, e - 2)
-    end3 = load(tail - 1) & 0xFFFFFF
-    close2 = (end3 >> 8) == _word(b"]}")
-    close3 = (end3 == _word(b"]}\r")) & ~close2
-    b = e - np.where(close3, 3, 2)
-    plain = ~short & h8 & (wide | tight) & (close2 | close3) & (a < b)
-    return a, b, plain
-
-
-def _locate_key(buf, load, s, e):
-    """``(a, b, found)`` for lines of any shape: the ``[`` after the line's only
-    ``"tokens"`` key (quote, colon and whitespace checked) and the first ``]`` after it.
-    ``found`` is False where the line has no such key or several."""
-    quotes = np.flatnonzero(buf == _QUOTE)
-    keys = quotes[load(np.minimum(quotes, len(buf) - PAD)) == _KEY]
-    colon = _skip_space(buf, keys + 8, 1)
-    ok = buf[colon] == _COLON
-    opening = _skip_space(buf, colon + 1, 1)
-    ok &= buf[opening] == _OPEN
-    keys, opening = keys[ok], opening[ok]
-    line = np.searchsorted(s, keys, side="right") - 1
-    inside = (line >= 0) & (keys < e[np.maximum(line, 0)])
-    line, opening = line[inside], opening[inside]
-    per_line = np.bincount(line, minlength=len(s))
-    found = per_line == 1
-    a = np.zeros(len(s), dtype=np.int64)
-    a[line] = opening  # where a line has several keys, any: it is not found
-    closes = np.flatnonzero(buf == _CLOSE)
-    b = closes[np.minimum(np.searchsorted(closes, a), len(closes) - 1)] if len(closes) else a
-    found &= (b > a) & (b < e)
-    return a, b, found
-
-
-def _rest_is_valid(buf, s, a, b, e) -> np.ndarray:
-    """Per line: is the line, with its token list emptied, a JSON object whose
-    ``"tokens"`` is that empty list?  One JSON parse per line (a batch of lines in one
-    document could let a malformed line's brackets pair up with its neighbours')."""
-    head, tail = a + 1 - s, e - b
-    seg_starts = np.stack([s, b], axis=1).ravel()
-    seg_lengths = np.stack([head, tail], axis=1).ravel()
-    text = buf[concat_ranges(seg_starts, seg_lengths)].tobytes()
-    stops = np.cumsum(head + tail).tolist()
-    return np.array([_is_emptied_object(text[p:q]) for p, q in zip([0] + stops[:-1], stops)],
-                    dtype=bool)
-
-
-def _is_emptied_object(text: bytes) -> bool:
-    try:
-        obj = _loads(text)
-    except ValueError:  # the exact reader says what is wrong
-        return False
-    return type(obj) is dict and obj.get("tokens") == []
+    return a, b, (head[:, 0] == _HEAD) & (wide | tight) & closed & (a < b)
 
 
 def _gap_ok(buf, gap_start, gap_end):
@@ -272,33 +230,76 @@ def scan_lines(buf: np.ndarray, s: np.ndarray, e: np.ndarray, n: np.ndarray
     last that are neither digits nor whitespace; lines in increasing order, not
     overlapping, with no digit between them.  ``s``/``e``/``n``: int64 ``[L]``.
     Returns ``(tokens, exact)``: :data:`TOKEN_DTYPE` ``[n.sum()]`` holding each line's
-    tokens at ``cumsum(n) - n`` (signs as stored), and the indices (int64) of the lines
-    left unfilled, for :func:`parse_line_exact`.
+    tokens at ``cumsum(n) - n`` (signs as stored), and the indices (int64, increasing)
+    of the lines left unfilled, for :func:`parse_line_exact`.
     """
-    load = _Words(buf)
-    a, b, plain = _plain_frames(load, s, e)
-    found = plain
-    if not plain.all():
-        other = np.flatnonzero(~plain)
-        a2, b2, ok = _locate_key(buf, load, s[other], e[other])
-        a[other], b[other] = a2, b2
-        if ok.any():
-            ok[ok] = _rest_is_valid(buf, s[other[ok]], a2[ok], b2[ok], e[other[ok]])
-        found = plain.copy()
-        found[other] = ok
-    # Lines not found keep a = b: an empty list that expects n tokens fails below.
-    a, b = np.where(found, a, s), np.where(found, b, s)
-    nn = np.where(found, n, 0)
-    values, first, good = _scan_numbers(buf, load, a, b, nn)
-    good &= found
     tokens = np.empty(int(n.sum()), dtype=TOKEN_DTYPE)
-    if good.all() and len(values) == len(tokens):
-        tokens[:] = values
-    else:
-        place = np.cumsum(n) - n
-        keep = np.flatnonzero(good)
-        tokens[concat_ranges(place[keep], n[keep])] = values[concat_ranges(first[keep], n[keep])]
+    place = np.cumsum(n) - n
+    a, b, good = _plain_frames(buf, s, e)
+    if good.any():
+        values, first, scanned = _scan_numbers(buf, _Words(buf), np.where(good, a, s),
+                                               np.where(good, b, s), np.where(good, n, 0))
+        good &= scanned
+        if good.all() and len(values) == len(tokens):
+            tokens[:] = values  # the common case: no index arrays
+        else:
+            keep = np.flatnonzero(good)
+            tokens[concat_ranges(place[keep], n[keep])] = \
+                values[concat_ranges(first[keep], n[keep])]
+    rest = np.flatnonzero(~good)
+    if len(rest):
+        good[rest] = _read_with_simdjson(buf, s[rest], e[rest], n[rest], tokens, place[rest])
     return tokens, np.flatnonzero(~good)
+
+
+def _line_tokens(parser: simdjson.Parser, line: bytes, expected: int):
+    """The line's tokens as an int64 buffer, or None where :func:`parse_line_exact` must
+    decide.  A function of its own: the parser can parse again only once the document
+    and its views are gone, which they are when it returns."""
+    try:
+        doc = parser.parse(line)
+        tokens = doc["tokens"]
+        # json.loads keeps the last of duplicated keys, simdjson finds the first.  A
+        # second "tokens" key is spelled so or with \u escapes; else no need to look.
+        if (line.count(b'"tokens"') > 1 or b"\\u" in line) and \
+                sum(key == "tokens" for key in doc.keys()) > 1:
+            return None
+        if len(tokens) != expected:
+            return None
+        return tokens.as_buffer(of_type="i")
+    except _REFUSED:
+        return None
+
+
+def _read_with_simdjson(buf, s, e, n, tokens, place) -> np.ndarray:
+    """simdjson's lines into ``tokens`` at ``place``; returns which lines it vouched for."""
+    parser = simdjson.Parser()
+    view = memoryview(buf)
+    parts, good = [], np.ones(len(s), dtype=bool)
+    for i, (start, end, expected) in enumerate(zip(s.tolist(), e.tolist(), n.tolist())):
+        # A bytes copy: simdjson takes it faster than a memoryview.
+        part = _line_tokens(parser, bytes(view[start:end]), expected)
+        if part is None:
+            good[i] = False
+        else:
+            parts.append(part)
+    values = np.frombuffer(b"".join(parts), dtype=np.int64)
+    if len(values) and (values.max() > _INT32_MAX or values.min() < -_INT32_MAX):
+        values = _drop_wide_lines(values, n, good)
+    keep = np.flatnonzero(good)
+    tokens[concat_ranges(place[keep], n[keep])] = values
+    return good
+
+
+def _drop_wide_lines(values: np.ndarray, n: np.ndarray, good: np.ndarray) -> np.ndarray:
+    """``values`` (the good lines' tokens back to back) without the lines holding an id
+    beyond int32, which ``good`` (updated) then leaves to the exact reader."""
+    kept = np.flatnonzero(good)
+    line = np.repeat(np.arange(len(kept)), n[kept])
+    wide = np.zeros(len(kept), dtype=bool)
+    wide[line[np.abs(values) > _INT32_MAX]] = True
+    good[kept[wide]] = False
+    return values[~wide[line]]
 
 
 def parse_line_exact(line: bytes, expected: int) -> np.ndarray:
