@@ -108,6 +108,8 @@ def run_benchmark_file(path: str, tmp_path, **env) -> list:
         [sys.executable, "-m", "pytest", path, "--benchmark-only", "-q", "-p", "no:cacheprovider",
          f"--benchmark-json={out}"],
         cwd=repo, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, CUDA_VISIBLE_DEVICES="", **env))
+        # Not as an xdist worker: pytest-benchmark turns itself off there.
+        env=dict({k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")},
+                 CUDA_VISIBLE_DEVICES="", **env))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads(out.read_text())["benchmarks"]

@@ -323,6 +323,10 @@ def _torchrun(nproc: int, module: str, *args: str, timeout: int = 600):
                           timeout=timeout)
 
 
+# The tests reading sp_results share one pytest-xdist worker: the fixture runs once.
+ON_SP_RESULTS_WORKER = pytest.mark.xdist_group("sp_results")
+
+
 @pytest.fixture(scope="module")
 def sp_results(tmp_path_factory):
     """``{sp: results}`` of tests/sp_worker.py with 2 and 4 ranks (run once per module)."""
@@ -347,6 +351,7 @@ def _cases():
             yield pytest.param(sp, "layer/" + name, torch.float32, id=f"sp{sp}-layer-{name}")
 
 
+@ON_SP_RESULTS_WORKER
 @pytest.mark.parametrize("sp,case,dtype", list(_cases()))
 def test_sequence_parallel_matches_one_rank(sp_results, sp, case, dtype):
     errors = sp_results[sp][case]
@@ -354,6 +359,7 @@ def test_sequence_parallel_matches_one_rank(sp_results, sp, case, dtype):
     assert errors and all(err <= REL_TOL[dtype] for err in errors.values()), errors
 
 
+@ON_SP_RESULTS_WORKER
 @pytest.mark.parametrize("sp", [2, 4])
 def test_wqkv_output_is_packed_directly_when_kv_heads_divide(sp_results, sp):
     # tiny: 1 kv head over sp ranks (split_qkv_rotary + pack_heads); 4 kv heads divide,
@@ -363,6 +369,7 @@ def test_wqkv_output_is_packed_directly_when_kv_heads_divide(sp_results, sp):
                      "heads_not_divisible_bias": sp == 2, "wo_hooked": True}
 
 
+@ON_SP_RESULTS_WORKER
 @pytest.mark.parametrize("sp", [2, 4])
 def test_wo_input_gradient_is_packed_by_its_gemms_unless_wo_has_hooks(sp_results, sp):
     fused = {name: paths["wo"] for name, paths in sp_results[sp]["fused"].items()}
@@ -370,6 +377,7 @@ def test_wo_input_gradient_is_packed_by_its_gemms_unless_wo_has_hooks(sp_results
                      "heads_not_divisible_bias": True, "wo_hooked": False}
 
 
+@ON_SP_RESULTS_WORKER
 @pytest.mark.parametrize("sp", [2, 4])
 def test_impossible_layouts_fail_on_every_rank_with_a_message(sp_results, sp):
     messages = sp_results[sp]["errors"]
