@@ -46,11 +46,10 @@ $(DEMO)/ftdp/.complete: $(PKG_STAMP) xtuner_patch/fixtures/ftdp.py
 demo: $(DEMO)/tiny-internlm2/config.json $(DEMO)/ftdp/.complete
 	$(VENV)/bin/xtuner-patch train configs/internlm2_tiny_ftdp_cpu.py --work-dir $(DEMO)/work
 
-# Two workers on the 2-core CI machine (at most 4 elsewhere: the e2e tests start 2-4
-# training processes each); loadgroup keeps tests sharing an expensive module fixture
-# (marked xdist_group) on one worker.
+# pytest-xdist: two workers on the 2-core CI machine, at most 4 elsewhere (the e2e tests
+# start 2-4 training processes each).
 test: $(PKG_STAMP)
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadgroup
+	$(PY) -m pytest -q -n auto --maxprocesses=4
 
 bench: $(PKG_STAMP)
 	$(PY) -m pytest benchmarks/ --benchmark-only

@@ -323,22 +323,29 @@ def _torchrun(nproc: int, module: str, *args: str, timeout: int = 600):
                           timeout=timeout)
 
 
-# The tests reading sp_results share one pytest-xdist worker: the fixture runs once.
-ON_SP_RESULTS_WORKER = pytest.mark.xdist_group("sp_results")
-
-
 @pytest.fixture(scope="module")
 def sp_results(tmp_path_factory):
-    """``{sp: results}`` of tests/sp_worker.py with 2 and 4 ranks (run once per module)."""
+    """``{sp: results}`` of tests/sp_worker.py with 2 and 4 ranks, run once per test
+    session: pytest-xdist workers share them through a file (the first one runs them,
+    under a lock, while the other waits)."""
     pytest.importorskip("xtuner.parallel.sequence")
-    results = {}
-    for sp in (2, 4):
-        tmp = tmp_path_factory.mktemp(f"sp{sp}")
-        out = tmp / "results.json"
-        proc = _torchrun(sp, "tests.sp_worker", str(out), str(tmp))
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-        results[sp] = json.loads(out.read_text())
-    return results
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder above the workers' own
+    saved = shared / "sp_results.json"
+    with FileLock(str(saved) + ".lock"):
+        if not saved.exists():
+            results = {}
+            for sp in (2, 4):
+                tmp = tmp_path_factory.mktemp(f"sp{sp}")
+                out = tmp / "results.json"
+                proc = _torchrun(sp, "tests.sp_worker", str(out), str(tmp))
+                assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+                results[sp] = json.loads(out.read_text())
+            saved.write_text(json.dumps(results))
+    return {int(sp): value for sp, value in json.loads(saved.read_text()).items()}
 
 
 def _cases():
@@ -351,7 +358,6 @@ def _cases():
             yield pytest.param(sp, "layer/" + name, torch.float32, id=f"sp{sp}-layer-{name}")
 
 
-@ON_SP_RESULTS_WORKER
 @pytest.mark.parametrize("sp,case,dtype", list(_cases()))
 def test_sequence_parallel_matches_one_rank(sp_results, sp, case, dtype):
     errors = sp_results[sp][case]
@@ -359,7 +365,6 @@ def test_sequence_parallel_matches_one_rank(sp_results, sp, case, dtype):
     assert errors and all(err <= REL_TOL[dtype] for err in errors.values()), errors
 
 
-@ON_SP_RESULTS_WORKER
 @pytest.mark.parametrize("sp", [2, 4])
 def test_wqkv_output_is_packed_directly_when_kv_heads_divide(sp_results, sp):
     # tiny: 1 kv head over sp ranks (split_qkv_rotary + pack_heads); 4 kv heads divide,
@@ -369,7 +374,6 @@ def test_wqkv_output_is_packed_directly_when_kv_heads_divide(sp_results, sp):
                      "heads_not_divisible_bias": sp == 2, "wo_hooked": True}
 
 
-@ON_SP_RESULTS_WORKER
 @pytest.mark.parametrize("sp", [2, 4])
 def test_wo_input_gradient_is_packed_by_its_gemms_unless_wo_has_hooks(sp_results, sp):
     fused = {name: paths["wo"] for name, paths in sp_results[sp]["fused"].items()}
@@ -377,7 +381,6 @@ def test_wo_input_gradient_is_packed_by_its_gemms_unless_wo_has_hooks(sp_results
                      "heads_not_divisible_bias": True, "wo_hooked": False}
 
 
-@ON_SP_RESULTS_WORKER
 @pytest.mark.parametrize("sp", [2, 4])
 def test_impossible_layouts_fail_on_every_rank_with_a_message(sp_results, sp):
     messages = sp_results[sp]["errors"]
