@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell (cat requirements/ci.txt requirements/ci-loc
 # A regular (not editable) install: editable installs do not get xtuner-patch.pth,
 # the auto-import behind `XTUNER_PATCH=1 xtuner train`.  Reinstalled when sources change.
 PKG_STAMP := $(VENV)/.package-installed
-PKG_SOURCES := $(shell find kernels xtuner_patch -name '*.py') setup.py pyproject.toml \
+PKG_SOURCES := $(shell find kernels xtuner_patch -name '*.py' -o -name '*.c') setup.py pyproject.toml \
 	xtuner-patch.pth _xtuner_patch_autoload.py
 DEMO := .cache/demo
 BITSANDBYTES := 0.45.5
@@ -32,6 +32,8 @@ $(STAMP): requirements/ci.txt requirements/ci-lock.txt pyproject.toml
 
 $(PKG_STAMP): $(STAMP) $(PKG_SOURCES)
 	$(PY) -m pip install -q --no-deps --no-build-isolation --force-reinstall .
+	# The compiled ftdp line reader in the checkout too: the tests import the checkout.
+	$(PY) setup.py -q build_ext --inplace
 	rm -rf build xtuner_patch.egg-info
 	touch $@
 

@@ -1,13 +1,16 @@
-"""Installs ``xtuner-patch.pth`` into site-packages next to the packages.
+"""What pyproject.toml cannot declare: the ``.pth`` file and the C extension.
 
-Everything else is declared in pyproject.toml; this file only adds the ``.pth`` (the
-``XTUNER_PATCH=1`` auto-import, see ``_xtuner_patch_autoload.py``) to the build, for
-regular and editable installs alike.
+- ``xtuner-patch.pth`` (the ``XTUNER_PATCH=1`` auto-import, see
+  ``_xtuner_patch_autoload.py``) goes into site-packages next to the packages, for
+  regular and editable installs alike.
+- ``xtuner_patch.dataset._ftdp_lines``, the compiled reader of ftdp JSON lines, is
+  optional: where it does not build (no C compiler or Python headers), the install goes
+  on and the data path uses its numpy/simdjson reader, with a warning at first use.
 """
 
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 PTH = "xtuner-patch.pth"
@@ -27,4 +30,7 @@ class BuildPyWithPth(build_py):
         return mapping
 
 
-setup(cmdclass={"build_py": BuildPyWithPth})
+FTDP_LINES = Extension("xtuner_patch.dataset._ftdp_lines",
+                       sources=["xtuner_patch/dataset/_ftdp_lines.c"], optional=True)
+
+setup(cmdclass={"build_py": BuildPyWithPth}, ext_modules=[FTDP_LINES])

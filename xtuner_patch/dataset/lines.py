@@ -1,18 +1,20 @@
-"""Parsing ftdp JSON lines into token arrays: two fast readers and the exact one.
+"""Parsing ftdp JSON lines into token arrays: the fast readers and the exact one.
 
-:func:`scan_lines` reads many lines at once, whatever their shape, each by one of two
-fast readers:
+:func:`scan_lines` reads many lines at once, whatever their shape:
 
-- plain lines, ``{"tokens": [...]}`` as ``json.dumps`` or compact separators write them
-  (InternEvo's tokenizer writes these), go through a vectorised numpy scanner: a few
-  numpy calls for all the lines of a chunk, no cost per line;
-- any other shape (other keys in any order, other JSON whitespace) through ``simdjson``:
-  one C++ parse per line and one copy of its ``tokens`` list into an int64 buffer.
+- with the compiled reader (``_ftdp_lines.c``, built at install): one strict C parse per
+  line, a few nanoseconds per token, for every line shape (other keys in any order, any
+  JSON whitespace);
+- without it (no C compiler at install; a warning says so), by two slower readers: plain
+  lines, ``{"tokens": [...]}`` as ``json.dumps`` or compact separators write them
+  (InternEvo's tokenizer writes these), through a vectorised numpy scanner (a few numpy
+  calls for all the lines of a chunk), any other shape through ``simdjson`` (one C++
+  parse per line and one copy of its ``tokens`` list).
 
-Both take negative ids and empty lists.  What neither can vouch for goes to
+All take negative ids and empty lists.  What no fast reader vouches for goes to
 :func:`parse_line_exact` (``json.loads``), the authority: it returns the tokens of an odd
-but valid line (``1e999`` in another key, a duplicated ``tokens`` key, a lone surrogate
-escape) or raises naming what is wrong.
+but valid line (``1e999`` or ``NaN`` in another key, a duplicated ``tokens`` key, a lone
+surrogate escape) or raises naming what is wrong.
 
 Valid means what XTuner's ``JsonlDataset`` reads without error, with two stricter rules:
 every token is a JSON integer (not a float or a boolean) in int32 range, and the list
@@ -20,12 +22,22 @@ holds as many tokens as the meta says.
 """
 
 import json
+import warnings
 from typing import Tuple
 
 import numpy as np
 import simdjson
 
-__all__ = ["PAD", "TOKEN_DTYPE", "concat_ranges", "parse_line_exact", "scan_lines"]
+try:
+    from . import _ftdp_lines
+    #: Why the compiled reader is missing (None when it is there).
+    UNCOMPILED_REASON = None
+except ImportError as exc:  # built without a C compiler: see setup.py
+    _ftdp_lines = None
+    UNCOMPILED_REASON = f"{type(exc).__name__}: {exc}"
+
+__all__ = ["PAD", "TOKEN_DTYPE", "UNCOMPILED_REASON", "concat_ranges", "parse_line_exact",
+           "scan_lines"]
 
 TOKEN_DTYPE = np.dtype(np.int32)
 _INT32_MAX = 2**31 - 1
@@ -41,6 +53,7 @@ _COMMA, _MINUS = 44, 45
 # (ValueError), a number beyond 64 bits (RuntimeError), no "tokens" key (KeyError), a
 # document or element of another type (TypeError).
 _REFUSED = (ValueError, RuntimeError, KeyError, TypeError)
+_BOM = b"\xef\xbb\xbf"
 
 
 def _word(text: bytes) -> np.uint64:
@@ -233,6 +246,36 @@ def scan_lines(buf: np.ndarray, s: np.ndarray, e: np.ndarray, n: np.ndarray
     tokens at ``cumsum(n) - n`` (signs as stored), and the indices (int64, increasing)
     of the lines left unfilled, for :func:`parse_line_exact`.
     """
+    if _ftdp_lines is None:
+        _warn_uncompiled()
+        return _scan_lines_uncompiled(buf, s, e, n)
+    tokens = np.empty(int(n.sum()), dtype=TOKEN_DTYPE)
+    read = np.empty(len(s), dtype=bool)
+    _ftdp_lines.scan(buf, np.ascontiguousarray(s, dtype=np.int64),
+                     np.ascontiguousarray(e, dtype=np.int64),
+                     np.ascontiguousarray(n, dtype=np.int64), tokens, read)
+    return tokens, np.flatnonzero(~read)
+
+
+_uncompiled_warned = False  # per process
+
+
+def _warn_uncompiled() -> None:
+    global _uncompiled_warned
+    if not _uncompiled_warned:
+        _uncompiled_warned = True
+        from .ftdp import FtdpDataWarning  # ftdp imports this module
+
+        warnings.warn("xtuner_patch.dataset._ftdp_lines, the compiled reader of ftdp lines, "
+                      f"is not there ({UNCOMPILED_REASON or 'turned off'}): lines are parsed "
+                      "by numpy and simdjson instead, 5-10x slower; reinstall xtuner-patch "
+                      "where a C compiler and the Python headers are found to build it",
+                      FtdpDataWarning, stacklevel=4)
+
+
+def _scan_lines_uncompiled(buf, s, e, n):
+    """:func:`scan_lines` without the compiled reader: the numpy scanner for plain lines,
+    simdjson for the others."""
     tokens = np.empty(int(n.sum()), dtype=TOKEN_DTYPE)
     place = np.cumsum(n) - n
     a, b, good = _plain_frames(buf, s, e)
@@ -256,6 +299,8 @@ def _line_tokens(parser: simdjson.Parser, line: bytes, expected: int):
     """The line's tokens as an int64 buffer, or None where :func:`parse_line_exact` must
     decide.  A function of its own: the parser can parse again only once the document
     and its views are gone, which they are when it returns."""
+    if line.startswith(_BOM):  # simdjson skips it, json.loads refuses the line
+        return None
     try:
         doc = parser.parse(line)
         tokens = doc["tokens"]
