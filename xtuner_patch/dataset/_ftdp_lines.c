@@ -191,9 +191,51 @@ static cursor skip_value(cursor p, cursor end, int depth) {
     }
 }
 
+/* p at a token's digits (after its minus sign): their value and the end of the run, or
+ * NULL unless there are 1 to 10 digits, without a leading zero, within the line.  Runs
+ * of up to 7 digits take one 8-byte load (limit: where loads must stop, the buffer's
+ * end), no branch per digit. */
+static inline cursor read_digits(cursor p, cursor end, cursor limit, uint64_t *value) {
+#if PY_LITTLE_ENDIAN && defined(__GNUC__)
+    if (limit - p >= 8) {
+        uint64_t word, nondigit;
+        memcpy(&word, p, 8);
+        word ^= 0x3030303030303030ull;  /* the bytes of digits become their values, 0-9 */
+        /* The high bit of each byte that is not a digit (a carry out of such a byte
+         * only touches bytes after the first one flagged). */
+        nondigit = ((word + 0x7676767676767676ull) | word) & 0x8080808080808080ull;
+        if (nondigit) {
+            int size = __builtin_ctzll(nondigit) >> 3;
+            if (size == 0 || (size > 1 && *p == '0') || p + size > end) return NULL;
+            /* The digits to the top bytes, zeros below; then pairs, quads, all eight
+             * combined by multiply-shift rounds. */
+            word <<= 8 * (8 - size);
+            word = ((word * 2561) >> 8) & 0x00FF00FF00FF00FFull;
+            word = ((word * 6553601) >> 16) & 0x0000FFFF0000FFFFull;
+            *value = (word * 42949672960001ull) >> 32;
+            return p + size;
+        }
+    }
+#endif
+    {
+        uint64_t v;
+        int digits = 1;
+        if (p >= end || !is_digit(*p)) return NULL;
+        v = (uint64_t)(*p++ - '0');
+        if (v != 0) {
+            while (p < end && is_digit(*p)) {
+                if (++digits > 10) return NULL;
+                v = v * 10 + (uint64_t)(*p++ - '0');
+            }
+        }
+        *value = v;
+        return p;
+    }
+}
+
 /* p at the '[' of the tokens list: exactly `expected` JSON integers, each within int32,
  * written to out.  Returns just past the ']', or NULL. */
-static cursor read_tokens(cursor p, cursor end, int32_t *out, int64_t expected) {
+static cursor read_tokens(cursor p, cursor end, cursor limit, int32_t *out, int64_t expected) {
     int64_t count = 0;
     if (p >= end || *p != '[') return NULL;
     p = skip_space(p + 1, end);
@@ -206,16 +248,7 @@ static cursor read_tokens(cursor p, cursor end, int32_t *out, int64_t expected) 
             negative = 1;
             p++;
         }
-        if (p >= end || !is_digit(*p)) return NULL;
-        value = (uint64_t)(*p++ - '0');
-        if (value != 0) {
-            int digits = 1;
-            while (p < end && is_digit(*p)) {
-                if (++digits > 10) return NULL;
-                value = value * 10 + (uint64_t)(*p++ - '0');
-            }
-        }
-        if (value > INT32_LIMIT) return NULL;
+        if (!(p = read_digits(p, end, limit, &value)) || value > INT32_LIMIT) return NULL;
         out[count++] = negative ? -(int32_t)value : (int32_t)value;
         /* Only whitespace, ',' or ']' may follow: a float (1.0, 1e3) or a leading zero (01)
          * is refused here. */
@@ -229,7 +262,7 @@ static cursor read_tokens(cursor p, cursor end, int32_t *out, int64_t expected) 
 
 /* One line: 1 when it is a JSON object with one "tokens" key holding exactly `expected`
  * int32 tokens (written to out), 0 when json.loads must decide. */
-static int read_line(cursor p, cursor end, int32_t *out, int64_t expected) {
+static int read_line(cursor p, cursor end, cursor limit, int32_t *out, int64_t expected) {
     int found = 0;
     p = skip_space(p, end);
     if (p >= end || *p != '{') return 0;
@@ -248,7 +281,7 @@ static int read_line(cursor p, cursor end, int32_t *out, int64_t expected) {
         if (is_tokens) {
             /* A later "tokens" key overwrites an earlier one, as json.loads keeps the last. */
             found = 1;
-            p = read_tokens(p, end, out, expected);
+            p = read_tokens(p, end, limit, out, expected);
         } else {
             p = skip_value(p, end, 1);
         }
@@ -319,8 +352,8 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         place = 0;
         for (i = 0; i < lines; i++) {
-            ok[i] = (unsigned char)read_line(buf + starts[i], buf + ends[i], tokens + place,
-                                             counts[i]);
+            ok[i] = (unsigned char)read_line(buf + starts[i], buf + ends[i], buf + size,
+                                             tokens + place, counts[i]);
             place += counts[i];
         }
         Py_END_ALLOW_THREADS

@@ -191,9 +191,8 @@ def _scan_rows(data, path, rows, offsets, lengths, out, place) -> None:
         buf[:PAD] = _FILLER
         buf[PAD + stop:PAD + stop + PAD] = _FILLER
         shift = PAD - lo
-        tokens, exact = scan_lines(buf[:stop + 2 * PAD], offsets[i:j] + shift, ends + shift,
-                                   lengths[i:j])
-        _place(out, place[i:j], lengths[i:j], tokens)
+        exact = _scan_into(out, place[i:j], buf[:stop + 2 * PAD], offsets[i:j] + shift,
+                           ends + shift, lengths[i:j])
         for k in exact.tolist():
             out[place[i + k]:place[i + k] + lengths[i + k]] = _read_exact(
                 data, path, int(offsets[i + k]), int(ends[k]), int(lengths[i + k]),
@@ -201,13 +200,16 @@ def _scan_rows(data, path, rows, offsets, lengths, out, place) -> None:
         i, want = j, CHUNK_BYTES
 
 
-def _place(out, place, lengths, tokens) -> None:
-    """``tokens`` (the rows' tokens back to back) into ``out`` at each row's ``place``."""
-    if len(place) and int(place[-1] - place[0] + lengths[-1]) == len(tokens) and \
-            (np.diff(place) == lengths[:-1]).all():
-        out[place[0]:place[0] + len(tokens)] = tokens
-        return
+def _scan_into(out, place, buf, starts, ends, lengths) -> np.ndarray:
+    """:func:`~.lines.scan_lines` with each line's tokens put into ``out`` at its
+    ``place``; returns the lines left to the exact reader."""
+    total = int(lengths.sum())
+    if len(place) and int(place[-1] - place[0] + lengths[-1]) == total and \
+            (np.diff(place) == lengths[:-1]).all():  # back to back: scanned in place
+        return scan_lines(buf, starts, ends, lengths, out=out[place[0]:place[0] + total])[1]
+    tokens, exact = scan_lines(buf, starts, ends, lengths)
     out[concat_ranges(place, lengths)] = tokens
+    return exact
 
 
 def _read_exact(data, path, offset, end, expected, row) -> np.ndarray:
@@ -245,8 +247,7 @@ def _gather_scan(data, path, offsets, ends, lengths, out, place) -> None:
     work = np.full(int(sizes.sum() + len(sizes)) + 2 * PAD, _FILLER, dtype=np.uint8)
     for o, e, s in zip(offsets.tolist(), ends.tolist(), starts.tolist()):
         work[s:s + e - o] = data[o:e]
-    tokens, exact = scan_lines(work, starts, starts + sizes, lengths)
-    _place(out, place, lengths, tokens)
+    exact = _scan_into(out, place, work, starts, starts + sizes, lengths)
     for k in exact.tolist():
         out[place[k]:place[k] + lengths[k]] = _read_exact(
             data, path, int(offsets[k]), int(ends[k]), int(lengths[k]), None)

@@ -23,7 +23,7 @@ holds as many tokens as the meta says.
 
 import json
 import warnings
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import simdjson
@@ -235,21 +235,22 @@ def _wide_values(buf, starts, size, low):
     return values, ok
 
 
-def scan_lines(buf: np.ndarray, s: np.ndarray, e: np.ndarray, n: np.ndarray
-               ) -> Tuple[np.ndarray, np.ndarray]:
+def scan_lines(buf: np.ndarray, s: np.ndarray, e: np.ndarray, n: np.ndarray,
+               out: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Parse lines ``buf[s[i]:e[i]]`` expected to hold ``n[i]`` tokens each.
 
     ``buf``: uint8, with at least :data:`PAD` bytes before the first line and after the
     last that are neither digits nor whitespace; lines in increasing order, not
     overlapping, with no digit between them.  ``s``/``e``/``n``: int64 ``[L]``.
     Returns ``(tokens, exact)``: :data:`TOKEN_DTYPE` ``[n.sum()]`` holding each line's
-    tokens at ``cumsum(n) - n`` (signs as stored), and the indices (int64, increasing)
-    of the lines left unfilled, for :func:`parse_line_exact`.
+    tokens at ``cumsum(n) - n`` (signs as stored; ``out``, a contiguous array of that
+    dtype and size, where given), and the indices (int64, increasing) of the lines left
+    unfilled, for :func:`parse_line_exact`.
     """
+    tokens = np.empty(int(n.sum()), dtype=TOKEN_DTYPE) if out is None else out
     if _ftdp_lines is None:
         _warn_uncompiled()
-        return _scan_lines_uncompiled(buf, s, e, n)
-    tokens = np.empty(int(n.sum()), dtype=TOKEN_DTYPE)
+        return tokens, _scan_lines_uncompiled(buf, s, e, n, tokens)
     read = np.empty(len(s), dtype=bool)
     _ftdp_lines.scan(buf, np.ascontiguousarray(s, dtype=np.int64),
                      np.ascontiguousarray(e, dtype=np.int64),
@@ -273,10 +274,9 @@ def _warn_uncompiled() -> None:
                       FtdpDataWarning, stacklevel=4)
 
 
-def _scan_lines_uncompiled(buf, s, e, n):
+def _scan_lines_uncompiled(buf, s, e, n, tokens) -> np.ndarray:
     """:func:`scan_lines` without the compiled reader: the numpy scanner for plain lines,
-    simdjson for the others."""
-    tokens = np.empty(int(n.sum()), dtype=TOKEN_DTYPE)
+    simdjson for the others.  Returns the lines left unfilled."""
     place = np.cumsum(n) - n
     a, b, good = _plain_frames(buf, s, e)
     if good.any():
@@ -292,7 +292,7 @@ def _scan_lines_uncompiled(buf, s, e, n):
     rest = np.flatnonzero(~good)
     if len(rest):
         good[rest] = _read_with_simdjson(buf, s[rest], e[rest], n[rest], tokens, place[rest])
-    return tokens, np.flatnonzero(~good)
+    return np.flatnonzero(~good)
 
 
 def _line_tokens(parser: simdjson.Parser, line: bytes, expected: int):
