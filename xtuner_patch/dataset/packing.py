@@ -99,6 +99,7 @@ class PackedFtdpDataset(torch.utils.data.Dataset):
         self.packed_length = int(packed_length)
         self.micro_bsz = int(micro_bsz)
         self.row_length = self.packed_length * self.micro_bsz
+        self._row_positions = np.arange(self.row_length)
         self.seed = seed
         self.label_alignment = label_alignment
         self.labels_shifted = label_alignment == "internevo"
@@ -170,7 +171,8 @@ class PackedFtdpDataset(torch.utils.data.Dataset):
         np.cumsum(take, out=segments[1:])
         # Each token's place in its sample's part: where it is read from, and XTuner's
         # position_ids (one pass serves both).
-        in_sample = np.arange(row) - np.repeat(segments[:-1], take)
+        in_sample = np.repeat(segments[:-1], take)
+        np.subtract(self._row_positions, in_sample, out=in_sample)
         # InternEvo's alignment labels a cut sample's last token in the pack with the
         # sample's next token: read one more.
         cut = bool(stop_token < lengths[-1])
@@ -221,7 +223,8 @@ class PackedFtdpDataset(torch.utils.data.Dataset):
             source = read_samples(self.paths[f], self.offsets[first:last + 1], lengths)
             base = np.cumsum(lengths) - lengths
         base[0] += first_token
-        at = in_sample + np.repeat(base, take)
+        at = np.repeat(base, take)
+        at += in_sample
         if extra:
             at = np.append(at, at[-1] + 1)
         return source[at]
