@@ -30,6 +30,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The compiled ftdp line reader, where this host can build it (else the data path warns
+# and reads lines with numpy and simdjson).
+"$PY" setup.py -q build_ext --inplace >/dev/null 2>&1 \
+  || echo "gpu-check: xtuner_patch/dataset/_ftdp_lines.c did not build here" >&2
 
 GPU=$("$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.cuda.get_device_name(0))') \
   || { echo "gpu-check: needs a CUDA device" >&2; exit 2; }
