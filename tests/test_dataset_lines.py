@@ -1,8 +1,11 @@
-"""Parsing ftdp lines: every valid line shape gives XTuner's packs on the vectorised path,
+"""Parsing ftdp lines: every valid line shape gives XTuner's packs on the fast path,
 odd but valid lines json's tokens, and every malformed line an error naming file and line,
 at build time."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,6 +97,17 @@ def test_which_reader_takes_which_line(tmp_path, monkeypatch, shape, compiled):
     samples = sum(n if isinstance(n, int) else n[0] for n in FILES.values())
     simdjson_lines = 0 if compiled or shape in ("dumps", "compact") else samples
     assert len(seen) == simdjson_lines
+
+
+def test_the_installed_package_has_the_compiled_reader(tmp_path):
+    """What `xtuner train` imports (the installed copy, not this checkout) has it too."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import xtuner_patch.dataset.lines as m; "
+         "print(m.__file__, m.UNCOMPILED_REASON)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "None", proc.stdout
 
 
 def test_without_the_compiled_reader_one_warning(tmp_path, monkeypatch):
