@@ -17,7 +17,11 @@ Line shapes (:data:`xtuner_patch.fixtures.ftdp.LINE_SHAPES`): ``dumps``
 (``{"tokens": [1, -2]}``), ``compact`` (``{"tokens":[1,-2]}``), ``key_after`` (the
 tokens, then keys holding quotes, brackets and ``"tokens"`` in strings).
 
-Our row is a first run: its token index is written inside the timed call (every line
+Implementations: ``xtuner-patch`` (as installed: the compiled line reader),
+``xtuner-patch-numpy-reader`` (the same loader where the C extension did not build: the
+numpy scanner and simdjson read the lines), ``xtuner`` (XTuner's own functions).
+
+Our rows are a first run: its token index is written inside the timed call (every line
 parsed and checked), into a fresh cache folder each round; ``warm_s`` (extra_info) is
 the same work with the index already there (a later run).  ``check_s``: the build alone,
 cold.  Peak memory: each implementation builds and reads every pack in its own process,
@@ -26,6 +30,7 @@ which imports both packages first; ``peak_mem_bytes`` is the highest RSS sampled
 ``.bin`` and index pages read).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -42,6 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, ".cache", "bench-data")
 PACKED_LENGTH = 8192
 XTUNER = "xtuner"
+NUMPY_READER = "xtuner-patch-numpy-reader"
 MIXES = {
     "sft": dict(samples=5_000, median_length=150, sigma=1.2),
     "short": dict(samples=25_000, median_length=24, sigma=0.9),
@@ -80,9 +86,25 @@ def _summary(folder):
         return json.load(f)
 
 
+@contextlib.contextmanager
+def reader_of(impl):
+    """Within it, ``impl``'s line reader parses (the compiled one unless NUMPY_READER)."""
+    if impl != NUMPY_READER:
+        yield
+        return
+    from xtuner_patch.dataset import lines
+
+    compiled, warned = lines._ftdp_lines, lines._uncompiled_warned
+    lines._ftdp_lines, lines._uncompiled_warned = None, True
+    try:
+        yield
+    finally:
+        lines._ftdp_lines, lines._uncompiled_warned = compiled, warned
+
+
 def _functions(impl):
     """``(load_intern_repo_tokenized_dataset, build_packed_dataset)`` of ``impl``."""
-    if impl == OURS:
+    if impl in (OURS, NUMPY_READER):
         from xtuner_patch.dataset import build_packed_dataset, load_intern_repo_tokenized_dataset
     else:
         try:
@@ -95,16 +117,18 @@ def _functions(impl):
 
 def build(impl, folder, cache_dir=None):
     load, build_packed = _functions(impl)
-    options = {} if impl != OURS else dict(cache_dir=cache_dir)
-    return build_packed(dict(type=load, folder=folder, min_length=0),
-                        packed_length=PACKED_LENGTH, seed=1024, **options)
+    options = {} if impl == XTUNER else dict(cache_dir=cache_dir)
+    with reader_of(impl):
+        return build_packed(dict(type=load, folder=folder, min_length=0),
+                            packed_length=PACKED_LENGTH, seed=1024, **options)
 
 
 def epoch(impl, folder, cache_dir=None):
     """Build, then read every pack once; returns the number of packs."""
     ds = build(impl, folder, cache_dir)
-    for i in range(len(ds)):
-        ds[i]
+    with reader_of(impl):
+        for i in range(len(ds)):
+            ds[i]
     return len(ds)
 
 
@@ -144,7 +168,7 @@ def _memory(impl, folder):
             "anon_mem_growth_bytes": m["peak_anon"] - m["base_anon"]}
 
 
-@pytest.mark.parametrize("impl", [OURS, XTUNER])
+@pytest.mark.parametrize("impl", [OURS, NUMPY_READER, XTUNER])
 @pytest.mark.parametrize("mix, shape", CASES)
 def test_ftdp_epoch(benchmark, mix, shape, impl):
     _functions(impl)
@@ -158,7 +182,7 @@ def test_ftdp_epoch(benchmark, mix, shape, impl):
         caches.append(tempfile.mkdtemp(prefix="bench-ftdp-index-"))
 
     try:
-        if impl == OURS:
+        if impl != XTUNER:
             measure(benchmark, lambda: epoch(impl, folder, caches[-1]), impl=impl, case=case,
                     rounds=3, warmup_rounds=0, setup=fresh_cache)
         else:  # several seconds a round: one round, as the issue's side-by-side run
@@ -168,7 +192,7 @@ def test_ftdp_epoch(benchmark, mix, shape, impl):
         packs = len(build(impl, folder, caches[-1] if caches else None))
         extra = dict(throughput=packs * PACKED_LENGTH / median, throughput_unit="tokens/s",
                      tokens_per_s=packs * PACKED_LENGTH / median, packs=packs)
-        if impl == OURS:
+        if impl != XTUNER:
             t0 = time.perf_counter()
             epoch(impl, folder, caches[-1])  # the index is there now
             extra["warm_s"] = time.perf_counter() - t0
