@@ -260,7 +260,7 @@ static cursor read_tokens(cursor p, cursor end, cursor limit, int32_t *out, int6
     }
 }
 
-/* One line: 1 when it is a JSON object with one "tokens" key holding exactly `expected`
+/* One line: 1 when it is a JSON object whose "tokens" key holds exactly `expected`
  * int32 tokens (written to out), 0 when json.loads must decide. */
 static int read_line(cursor p, cursor end, cursor limit, int32_t *out, int64_t expected) {
     int found = 0;
