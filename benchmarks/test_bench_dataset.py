@@ -92,14 +92,14 @@ def reader_of(impl):
     if impl != NUMPY_READER:
         yield
         return
-    from xtuner_patch.dataset import lines
+    from xtuner_patch.dataset import ftdp, lines
 
-    compiled, warned = lines._ftdp_lines, lines._uncompiled_warned
-    lines._ftdp_lines, lines._uncompiled_warned = None, True
+    compiled, warned = lines._compiled_scan, ftdp._uncompiled_warned
+    lines._compiled_scan, ftdp._uncompiled_warned = None, True
     try:
         yield
     finally:
-        lines._ftdp_lines, lines._uncompiled_warned = compiled, warned
+        lines._compiled_scan, ftdp._uncompiled_warned = compiled, warned
 
 
 def _functions(impl):

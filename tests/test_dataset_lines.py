@@ -39,8 +39,8 @@ def reader(request, monkeypatch):
         assert readers.UNCOMPILED_REASON is None, \
             f"the compiled reader is not built ({readers.UNCOMPILED_REASON}): run `make venv`"
         return request.param
-    monkeypatch.setattr(readers, "_ftdp_lines", None)
-    monkeypatch.setattr(readers, "_uncompiled_warned", True)
+    monkeypatch.setattr(readers, "_compiled_scan", None)
+    monkeypatch.setattr(ftdp, "_uncompiled_warned", True)
     if request.param == "simdjson-only":
         plain_frames = readers._plain_frames
 
@@ -82,8 +82,8 @@ def test_which_reader_takes_which_line(tmp_path, monkeypatch, shape, compiled):
     the others simdjson, each once."""
     folder = _shaped_corpus(tmp_path / shape, shape)
     if not compiled:
-        monkeypatch.setattr(readers, "_ftdp_lines", None)
-        monkeypatch.setattr(readers, "_uncompiled_warned", True)
+        monkeypatch.setattr(readers, "_compiled_scan", None)
+        monkeypatch.setattr(ftdp, "_uncompiled_warned", True)
     seen = []
     read_with_simdjson = readers._read_with_simdjson
 
@@ -112,8 +112,8 @@ def test_the_installed_package_has_the_compiled_reader(tmp_path):
 
 def test_without_the_compiled_reader_one_warning(tmp_path, monkeypatch):
     folder = _shaped_corpus(tmp_path / "c", "key_after")
-    monkeypatch.setattr(readers, "_ftdp_lines", None)
-    monkeypatch.setattr(readers, "_uncompiled_warned", False)
+    monkeypatch.setattr(readers, "_compiled_scan", None)
+    monkeypatch.setattr(ftdp, "_uncompiled_warned", False)
     with pytest.warns(FtdpDataWarning) as caught:
         for cache_dir in (str(tmp_path / "index"), False):
             build_packed_dataset(load_intern_repo_tokenized_dataset(folder), 64,
@@ -382,7 +382,7 @@ def test_fast_readers_vouch_only_for_what_json_reads_alike(reader):
 
 
 def test_compiled_reader_names_bad_arguments():
-    scan = readers._ftdp_lines.scan
+    scan = readers._compiled_scan
     buf = np.frombuffer(b'{"tokens": [1, 2]}', dtype=np.uint8)
     i64 = lambda *v: np.array(v, dtype=np.int64)  # noqa: E731
     out, read = np.empty(2, np.int32), np.empty(1, bool)

@@ -22,22 +22,21 @@ holds as many tokens as the meta says.
 """
 
 import json
-import warnings
 from typing import Optional, Tuple
 
 import numpy as np
 import simdjson
 
 try:
-    from . import _ftdp_lines
+    from ._ftdp_lines import scan as _compiled_scan
     #: Why the compiled reader is missing (None when it is there).
     UNCOMPILED_REASON = None
 except ImportError as exc:  # built without a C compiler: see setup.py
-    _ftdp_lines = None
+    _compiled_scan = None
     UNCOMPILED_REASON = f"{type(exc).__name__}: {exc}"
 
-__all__ = ["PAD", "TOKEN_DTYPE", "UNCOMPILED_REASON", "concat_ranges", "parse_line_exact",
-           "scan_lines"]
+__all__ = ["PAD", "TOKEN_DTYPE", "UNCOMPILED_REASON", "concat_ranges", "has_compiled_reader",
+           "parse_line_exact", "scan_lines"]
 
 TOKEN_DTYPE = np.dtype(np.int32)
 _INT32_MAX = 2**31 - 1
@@ -248,31 +247,18 @@ def scan_lines(buf: np.ndarray, s: np.ndarray, e: np.ndarray, n: np.ndarray,
     unfilled, for :func:`parse_line_exact`.
     """
     tokens = np.empty(int(n.sum()), dtype=TOKEN_DTYPE) if out is None else out
-    if _ftdp_lines is None:
-        _warn_uncompiled()
+    if _compiled_scan is None:
         return tokens, _scan_lines_uncompiled(buf, s, e, n, tokens)
     read = np.empty(len(s), dtype=bool)
-    _ftdp_lines.scan(buf, np.ascontiguousarray(s, dtype=np.int64),
+    _compiled_scan(buf, np.ascontiguousarray(s, dtype=np.int64),
                      np.ascontiguousarray(e, dtype=np.int64),
                      np.ascontiguousarray(n, dtype=np.int64), tokens, read)
     return tokens, np.flatnonzero(~read)
 
 
-_uncompiled_warned = False  # per process
-
-
-def _warn_uncompiled() -> None:
-    global _uncompiled_warned
-    if not _uncompiled_warned:
-        _uncompiled_warned = True
-        from .ftdp import FtdpDataWarning  # ftdp imports this module
-
-        warnings.warn("xtuner_patch.dataset._ftdp_lines, the compiled reader of ftdp lines, "
-                      f"is not there ({UNCOMPILED_REASON or 'turned off'}): lines are parsed "
-                      "by numpy and simdjson instead, 5-10x slower (a first epoch 1.5-3x); "
-                      "reinstall xtuner-patch where a C compiler and the Python headers are "
-                      "found to build it",
-                      FtdpDataWarning, stacklevel=4)
+def has_compiled_reader() -> bool:
+    """Whether :func:`scan_lines` has the compiled reader (else see UNCOMPILED_REASON)."""
+    return _compiled_scan is not None
 
 
 def _scan_lines_uncompiled(buf, s, e, n, tokens) -> np.ndarray:
