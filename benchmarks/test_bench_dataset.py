@@ -184,7 +184,7 @@ def test_ftdp_epoch(benchmark, mix, shape, impl):
     try:
         if impl != XTUNER:
             measure(benchmark, lambda: epoch(impl, folder, caches[-1]), impl=impl, case=case,
-                    rounds=3, warmup_rounds=0, setup=fresh_cache)
+                    rounds=5, warmup_rounds=0, setup=fresh_cache)
         else:  # several seconds a round: one round, as the side-by-side run
             measure(benchmark, lambda: epoch(impl, folder), impl=impl, case=case, rounds=1,
                     warmup_rounds=0)
