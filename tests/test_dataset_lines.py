@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from xtuner_patch.dataset import (FtdpDataWarning, FtdpFile, FtdpFormatError, build_packed_dataset,
-                                  load_intern_repo_tokenized_dataset, read_samples)
+from xtuner_patch.dataset import (FtdpDataWarning, FtdpFile, FtdpFormatError,
+                                  build_packed_dataset, load_intern_repo_tokenized_dataset,
+                                  read_samples)
 from xtuner_patch.dataset import ftdp
 from xtuner_patch.dataset import lines as readers
 from xtuner_patch.fixtures.ftdp import LINE_SHAPES, rewrite_lines, write_synthetic_corpus
