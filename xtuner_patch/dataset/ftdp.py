@@ -225,7 +225,7 @@ def _warn_uncompiled() -> None:
         _uncompiled_warned = True
         warnings.warn("xtuner_patch.dataset._ftdp_lines, the compiled reader of ftdp lines, "
                       f"is not there ({UNCOMPILED_REASON or 'turned off'}): lines are parsed "
-                      "by numpy and simdjson instead, 5-10x slower (a first epoch 1.5-3x); "
+                      "by numpy and simdjson instead, 3-9x slower (a first epoch 1.2-3.5x); "
                       "reinstall xtuner-patch where a C compiler and the Python headers are "
                       "found to build it", FtdpDataWarning, stacklevel=5)
 
