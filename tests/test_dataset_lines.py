@@ -31,6 +31,12 @@ def _shaped_corpus(root, shape):
     return str(root)
 
 
+def _without_compiled_reader(monkeypatch, warned=True):
+    """As where the C extension did not build (``warned``: its warning already given)."""
+    monkeypatch.setattr(readers, "_compiled_scan", None)
+    monkeypatch.setattr(ftdp, "_uncompiled_warned", warned)
+
+
 @pytest.fixture(params=["compiled", "numpy+simdjson", "simdjson-only"])
 def reader(request, monkeypatch):
     """Which fast reader takes which line: the compiled one for every line (as shipped;
@@ -40,8 +46,7 @@ def reader(request, monkeypatch):
         assert readers.UNCOMPILED_REASON is None, \
             f"the compiled reader is not built ({readers.UNCOMPILED_REASON}): run `make venv`"
         return request.param
-    monkeypatch.setattr(readers, "_compiled_scan", None)
-    monkeypatch.setattr(ftdp, "_uncompiled_warned", True)
+    _without_compiled_reader(monkeypatch)
     if request.param == "simdjson-only":
         plain_frames = readers._plain_frames
 
@@ -83,8 +88,7 @@ def test_which_reader_takes_which_line(tmp_path, monkeypatch, shape, compiled):
     the others simdjson, each once."""
     folder = _shaped_corpus(tmp_path / shape, shape)
     if not compiled:
-        monkeypatch.setattr(readers, "_compiled_scan", None)
-        monkeypatch.setattr(ftdp, "_uncompiled_warned", True)
+        _without_compiled_reader(monkeypatch)
     seen = []
     read_with_simdjson = readers._read_with_simdjson
 
@@ -113,8 +117,7 @@ def test_the_installed_package_has_the_compiled_reader(tmp_path):
 
 def test_without_the_compiled_reader_one_warning(tmp_path, monkeypatch):
     folder = _shaped_corpus(tmp_path / "c", "key_after")
-    monkeypatch.setattr(readers, "_compiled_scan", None)
-    monkeypatch.setattr(ftdp, "_uncompiled_warned", False)
+    _without_compiled_reader(monkeypatch, warned=False)
     with pytest.warns(FtdpDataWarning) as caught:
         for cache_dir in (str(tmp_path / "index"), False):
             build_packed_dataset(load_intern_repo_tokenized_dataset(folder), 64,

@@ -251,8 +251,8 @@ def scan_lines(buf: np.ndarray, s: np.ndarray, e: np.ndarray, n: np.ndarray,
         return tokens, _scan_lines_uncompiled(buf, s, e, n, tokens)
     read = np.empty(len(s), dtype=bool)
     _compiled_scan(buf, np.ascontiguousarray(s, dtype=np.int64),
-                     np.ascontiguousarray(e, dtype=np.int64),
-                     np.ascontiguousarray(n, dtype=np.int64), tokens, read)
+                   np.ascontiguousarray(e, dtype=np.int64),
+                   np.ascontiguousarray(n, dtype=np.int64), tokens, read)
     return tokens, np.flatnonzero(~read)
 
 
